@@ -47,7 +47,7 @@ setup(
     ],
     extras_require={
         'gpu': ['flash-attn==2.7.4.post1'],
-        'dev': ['pytest>=7', 'ruff>=0.4'],
+        'dev': ['pytest>=7', 'ruff>=0.4', 'moto[server]==5.2.5'],  # moto: local S3 server for the remote-stream tests and bench
         # lm-eval harness for exported models (drp_foundry/eval/lm_eval_tasks); peft pinned for transformers 4.51
         'eval': ['lm-eval==0.4.8', 'peft==0.15.2'],
     },

@@ -14,6 +14,15 @@ Global sample index ``k``: the n-th sample of rank r in a world of W ranks is
   position ``pi_{seed,i,pass}(o % N_i)`` where ``pi`` is a keyed bijection of ``[0, N_i)``
   (a Feistel network with cycle walking, O(1) memory). A domain that runs out starts a new
   pass with a fresh shuffle.
+- Shard-aware alternative (``ShardBlockOrder``, for remote shards): pass p of a domain lists
+  its shards in a keyed random order, cuts that list into blocks of ``block_shards``
+  consecutive shards, and permutes the samples inside each block (keyed by seed, domain,
+  pass, block). Ordinal o reads the ``(o % N_i)``-th entry of that sequence. It is still a
+  bijection per pass (every sample once per pass, a new order each pass), but consecutive
+  ordinals stay inside one block, so readers need only a bounded window of shards and the
+  next block is known in advance (prefetchable). Given up: two samples can only be close
+  in the order if their shards share a block; samples of one shard are all read within
+  one block's span of ordinals.
 
 Everything here is numpy on uint64 / int64 arrays and vectorised.
 """
@@ -32,6 +41,7 @@ __all__ = [
     'count_domains',
     'feistel_permute',
     'domain_positions',
+    'ShardBlockOrder',
     'validate_proportions',
 ]
 
@@ -41,6 +51,8 @@ _MIX_2 = np.uint64(0x94D049BB133111EB)
 _FEISTEL_ROUNDS = 4
 _PROPORTION_SUM_TOLERANCE = 1e-3
 _DEFAULT_CHUNK = 1 << 20
+_SHARD_ORDER_SALT = 0x5A4D
+_BLOCK_ORDER_SALT = 0xB10C
 
 
 def splitmix64(values: np.ndarray) -> np.ndarray:
@@ -171,6 +183,86 @@ def domain_positions(seed: int, domain_index: int, ordinals: np.ndarray, domain_
     domain_key = _seed_state(seed, domain_index)
     keys = splitmix64(np.uint64(domain_key) ^ splitmix64(passes.astype(np.uint64)))
     return feistel_permute((ordinals % domain_size).astype(np.uint64), keys, domain_size)
+
+
+class ShardBlockOrder:
+    """Shard-aware per-pass order of one domain: shuffled shards, cut into blocks, shuffled inside.
+
+    Args:
+        seed: the shuffle seed; domain_index: the domain's index (part of every key).
+        shard_sizes: samples in each of the domain's shards, in storage order (the domain's
+            positions are ``[0, N)`` numbered shard after shard).
+        block_shards: shards per block (>= 1); the last block of a pass may have fewer.
+
+    Pure function of its arguments (the layout cache only avoids recomputing it).
+    """
+
+    def __init__(self, seed: int, domain_index: int, shard_sizes: Sequence[int] | np.ndarray,
+                 block_shards: int, cached_passes: int = 4):
+        self.seed = int(seed)
+        self.domain_index = int(domain_index)
+        self.shard_sizes = np.asarray(shard_sizes, dtype=np.int64).reshape(-1)
+        if self.shard_sizes.size == 0 or np.any(self.shard_sizes <= 0):
+            raise ValueError(f'shard sizes must be positive, got {self.shard_sizes.tolist()[:8]}...')
+        if int(block_shards) != block_shards or int(block_shards) < 1:
+            raise ValueError(f'shuffle_block_shards must be an integer >= 1, got {block_shards}.')
+        self.block_shards = int(block_shards)
+        self.num_samples = int(self.shard_sizes.sum())
+        self.shard_starts = np.cumsum(self.shard_sizes) - self.shard_sizes
+        self.num_blocks = -(-self.shard_sizes.size // self.block_shards)
+        self._cached_passes = int(cached_passes)
+        self._layouts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _layout(self, pass_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard order, start of each ordered shard in the pass sequence (+ end), start of each block (+ end))."""
+        layout = self._layouts.get(pass_index)
+        if layout is None:
+            num_shards = self.shard_sizes.size
+            key = _seed_state(self.seed, self.domain_index, pass_index, _SHARD_ORDER_SALT)
+            order = feistel_permute(np.arange(num_shards, dtype=np.uint64),
+                                    np.full(num_shards, key, dtype=np.uint64), num_shards)
+            order_starts = np.concatenate([[0], np.cumsum(self.shard_sizes[order])]).astype(np.int64)
+            block_starts = order_starts[np.append(np.arange(0, num_shards, self.block_shards), num_shards)]
+            layout = (order, order_starts, block_starts)
+            if len(self._layouts) >= self._cached_passes:
+                self._layouts.pop(min(self._layouts))
+            self._layouts[pass_index] = layout
+        return layout
+
+    def block_of(self, ordinal: int) -> tuple[int, int]:
+        """(pass, block) that per-domain ordinal ``ordinal`` reads from."""
+        pass_index, offset = divmod(int(ordinal), self.num_samples)
+        _, _, block_starts = self._layout(pass_index)
+        return pass_index, int(np.searchsorted(block_starts, offset, side='right')) - 1
+
+    def next_block(self, pass_index: int, block: int) -> tuple[int, int]:
+        return (pass_index, block + 1) if block + 1 < self.num_blocks else (pass_index + 1, 0)
+
+    def block_shards_of(self, pass_index: int, block: int) -> np.ndarray:
+        """The domain's shard indices (storage order) in ``block`` of pass ``pass_index``."""
+        order, _, _ = self._layout(pass_index)
+        return order[block * self.block_shards:(block + 1) * self.block_shards].copy()
+
+    def positions(self, ordinals: np.ndarray) -> np.ndarray:
+        """Sample position in ``[0, N)`` (shard after shard, storage order) for each per-domain ordinal."""
+        ordinals = np.asarray(ordinals, dtype=np.int64)
+        flat = ordinals.reshape(-1)
+        out = np.empty(flat.size, dtype=np.int64)
+        passes, offsets = np.divmod(flat, self.num_samples)
+        for pass_index in np.unique(passes):
+            in_pass = np.flatnonzero(passes == pass_index)
+            order, order_starts, block_starts = self._layout(int(pass_index))
+            blocks = np.searchsorted(block_starts, offsets[in_pass], side='right') - 1
+            for block in np.unique(blocks):
+                rows = in_pass[blocks == block]
+                begin, end = int(block_starts[block]), int(block_starts[block + 1])
+                key = _seed_state(self.seed, self.domain_index, int(pass_index), int(block), _BLOCK_ORDER_SALT)
+                within = feistel_permute((offsets[rows] - begin).astype(np.uint64),
+                                         np.full(rows.size, key, dtype=np.uint64), end - begin)
+                sequence = begin + within
+                ordered_shard = np.searchsorted(order_starts, sequence, side='right') - 1
+                out[rows] = self.shard_starts[order[ordered_shard]] + (sequence - order_starts[ordered_shard])
+        return out.reshape(ordinals.shape)
 
 
 def validate_proportions(proportions: Sequence[float] | Mapping[str, float] | np.ndarray,

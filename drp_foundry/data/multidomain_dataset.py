@@ -8,7 +8,16 @@ optional remote) is used only for random access by global sample id; the order i
   It depends on nothing else: not on the number of workers, not on any RNG state.
 - The sample read is the domain's ordinal-th entry of a keyed shuffle of that domain
   (a new shuffle for every pass; a domain that runs out starts its next pass, logged).
-  Ordinals count all ranks, so ranks read disjoint samples.
+  Ordinals count all ranks, so ranks read disjoint samples. Two shuffles
+  (``shuffle_algo``): ``full``, a keyed permutation of all the domain's samples, and
+  ``shard_block``, shuffled shards cut into blocks of ``shuffle_block_shards`` shards with the
+  samples shuffled inside each block (``domain_sampling.ShardBlockOrder``). Ordinals advance
+  together on every rank and worker, so with ``shard_block`` all of them read from the same
+  few blocks of each domain at a time; a background thread per worker downloads the next
+  block's shards ahead of use through ``StreamingDataset.prepare_shard`` (which also evicts
+  under ``cache_limit``, least recently used first) and keeps the shards of the blocks in use
+  marked recent, so eviction takes shards no reader needs any more. ``auto`` (the default)
+  picks ``shard_block`` when a stream has a ``remote`` and ``full`` for local data.
 - ``set_proportions(q, at_batch)`` in the main process appends a segment
   ``(first k, q)`` to a table in shared memory that DataLoader workers (forked or spawned,
   persistent or not) read before producing each batch.
@@ -35,15 +44,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from streaming import Stream, StreamingDataset
+from streaming.base.dataset import _ShardState
 from torch.utils.data import IterableDataset, get_worker_info
 
 from drp_foundry.data.domain_sampling import (
+    ShardBlockOrder,
     assign_ordinals,
     count_domains,
     domain_positions,
@@ -53,7 +67,12 @@ from drp_foundry.data.domain_sampling import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ['MultiDomainStreamingDataset', 'TOKEN_ENCODING_TYPES', 'STATE_VERSION']
+__all__ = ['MultiDomainStreamingDataset', 'TOKEN_ENCODING_TYPES', 'STATE_VERSION', 'SHUFFLE_ALGOS']
+
+SHUFFLE_ALGOS = ('auto', 'full', 'shard_block')
+# Blocks of one domain a reader needs at once: the one lagging workers still read, the one the
+# frontier is in, and the next (prefetched). Sizes the cache_limit check.
+_WINDOW_BLOCKS = 3
 
 STATE_VERSION = 1
 TOKEN_ENCODING_TYPES = ('int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32', 'uint64')
@@ -122,6 +141,54 @@ class _SharedMixtureTable:
         return int(values[0]), values[1:]
 
 
+class _ShardPrefetcher:
+    """One background thread per worker: ``prepare_shard(id, blocking=False)`` for queued shards.
+
+    Non-blocking: a shard another worker or rank of this node is already downloading is skipped
+    (mosaicml-streaming's shared shard states coordinate them); a failed download is left to the
+    reader, whose ``get_item`` downloads again and raises with streaming's message.
+    """
+
+    def __init__(self, dataset: StreamingDataset):
+        self._dataset = dataset
+        self._queue: deque[int] = deque()
+        self._queued: set[int] = set()
+        self._wake = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name='drp-shard-prefetch', daemon=True)
+        self._thread.start()
+
+    def want(self, shard_ids: Sequence[int]) -> None:
+        states = self._dataset._shard_states
+        fresh = [int(i) for i in shard_ids if int(i) not in self._queued and states[int(i)] != _ShardState.LOCAL]
+        if fresh:
+            with self._wake:
+                self._queue.extend(fresh)
+                self._queued.update(fresh)
+                self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._stopped:
+                    self._wake.wait()
+                if self._stopped:
+                    return
+                shard_id = self._queue.popleft()
+                self._queued.discard(shard_id)
+            try:
+                if self._dataset._shard_states[shard_id] != _ShardState.LOCAL:
+                    self._dataset.prepare_shard(shard_id, blocking=False)
+            except Exception as error:  # the reader downloads it again and reports
+                log.debug('prefetch of shard %d failed: %s', shard_id, error)
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=60)
+
+
 class MultiDomainStreamingDataset(IterableDataset):
     """Infinite multi-domain token stream with a mixture that can change during training.
 
@@ -143,6 +210,13 @@ class MultiDomainStreamingDataset(IterableDataset):
         rank, world_size: default from torch.distributed or the RANK / WORLD_SIZE env.
         max_mixture_segments: capacity of the shared table of pending mixture changes.
         streaming_kwargs: passed to ``StreamingDataset`` (``download_retry``, ``cache_limit``, ...).
+        shuffle_algo: ``'full'`` (one keyed permutation of each domain per pass), ``'shard_block'``
+            (shard-aware, for remote shards) or ``'auto'``: ``shard_block`` if any stream has a
+            ``remote``, else ``full``.
+        shuffle_block_shards: shards per block for ``shard_block`` (the randomness kept: samples
+            are shuffled across that many shards at a time; the cache needs about
+            ``3 * shuffle_block_shards`` shards per domain).
+        prefetch: download the next block's shards in the background (``shard_block`` with a remote).
     """
 
     def __init__(self,
@@ -159,7 +233,10 @@ class MultiDomainStreamingDataset(IterableDataset):
                  rank: int | None = None,
                  world_size: int | None = None,
                  max_mixture_segments: int = 4096,
-                 streaming_kwargs: Mapping[str, Any] | None = None):
+                 streaming_kwargs: Mapping[str, Any] | None = None,
+                 shuffle_algo: str = 'auto',
+                 shuffle_block_shards: int = 8,
+                 prefetch: bool = True):
         super().__init__()
         self.domain_names = [str(name) for name in domain_names]
         if not self.domain_names:
@@ -211,6 +288,10 @@ class MultiDomainStreamingDataset(IterableDataset):
                                                  **dict(streaming_kwargs or {}))
         self.domain_sizes = self._streams_dataset.samples_per_stream.astype(np.int64).copy()
         self.domain_offsets = self._streams_dataset.sample_offset_per_stream.astype(np.int64).copy()
+        self.shard_offsets = self._streams_dataset.shard_offset_per_stream.astype(np.int64).copy()
+        self.domain_shards = self._streams_dataset.shards_per_stream.astype(np.int64).copy()
+        self.has_remote = any(getattr(stream, 'remote', None) for stream in streams)
+        self._setup_shuffle(shuffle_algo, shuffle_block_shards, bool(prefetch))
 
         # Main-process view of the mixture history (from the resume point on).
         self._segment_starts = np.zeros(1, dtype=np.int64)
@@ -222,6 +303,43 @@ class MultiDomainStreamingDataset(IterableDataset):
         self._table = _SharedMixtureTable(len(self.domain_names), int(max_mixture_segments))
         self._table.write_segments(self._segment_starts, self._segment_proportions)
         self._table.write_resume(self._origin_index, self._origin_counts)
+
+    def _setup_shuffle(self, shuffle_algo: str, block_shards: int, prefetch: bool) -> None:
+        if shuffle_algo not in SHUFFLE_ALGOS:
+            raise ValueError(f'shuffle_algo must be one of {SHUFFLE_ALGOS}, got {shuffle_algo!r}.')
+        if int(block_shards) != block_shards or int(block_shards) < 1:
+            raise ValueError(f'shuffle_block_shards must be an integer >= 1, got {block_shards!r}.')
+        if shuffle_algo == 'auto':
+            shuffle_algo = 'shard_block' if self.has_remote else 'full'
+            log.info('shuffle_algo auto -> %s (%s)', shuffle_algo,
+                     'a stream has a remote' if self.has_remote else 'all streams are local')
+        self.shuffle_algo = shuffle_algo
+        self.shuffle_block_shards = int(block_shards)
+        self.prefetch = prefetch and self.has_remote and shuffle_algo == 'shard_block'
+        self._block_orders: list[ShardBlockOrder] = []
+        if shuffle_algo == 'shard_block':
+            per_shard = self._streams_dataset.samples_per_shard
+            self._block_orders = [
+                ShardBlockOrder(self.shuffle_seed, d, per_shard[begin:begin + count], self.shuffle_block_shards)
+                for d, (begin, count) in enumerate(zip(self.shard_offsets, self.domain_shards))]
+        cache_limit = self._streams_dataset.cache_limit
+        if cache_limit and self.has_remote:
+            shards = self._streams_dataset.shards
+            if shuffle_algo == 'full':
+                log.warning('cache_limit=%d with shuffle_algo=full: consecutive samples come from any shard, so '
+                            'shards are evicted and downloaded again many times per pass; set '
+                            'shuffle_algo: shard_block (or auto) for remote data.', cache_limit)
+            else:
+                need = 0
+                for begin, count in zip(self.shard_offsets, self.domain_shards):
+                    sizes = sorted((shards[i].get_max_size() for i in range(begin, begin + count)), reverse=True)
+                    need += sum(sizes[:_WINDOW_BLOCKS * self.shuffle_block_shards])
+                if cache_limit < need:
+                    log.warning('cache_limit=%d bytes is below the shards the readers use at once (about %d bytes: '
+                                '%d blocks of shuffle_block_shards=%d shards per domain); some shards will be '
+                                'downloaded more than once per pass. Raise cache_limit or lower '
+                                'shuffle_block_shards.', cache_limit, need, _WINDOW_BLOCKS,
+                                self.shuffle_block_shards)
 
     # ------------------------------------------------------------------ scheduler contract
     @property
@@ -278,6 +396,9 @@ class MultiDomainStreamingDataset(IterableDataset):
             'domain_counts': counts.tolist(),
             'segment_starts': starts.tolist(),
             'segment_proportions': self._segment_proportions[in_force:].tolist(),
+            'shuffle_algo': self.shuffle_algo,
+            'shuffle_block_shards': self.shuffle_block_shards,
+            'domain_shards': self.domain_shards.tolist(),
         }
 
     def load_state_dict(self, obj: Mapping[str, Any]) -> None:
@@ -294,6 +415,20 @@ class MultiDomainStreamingDataset(IterableDataset):
         if int(obj['shuffle_seed']) != self.shuffle_seed:
             raise ValueError(f'dataset state: checkpoint shuffle_seed {obj["shuffle_seed"]} differs from '
                              f'the configured `shuffle_seed` {self.shuffle_seed}; set it back to resume exactly.')
+        # Checkpoints from before shuffle_algo existed used the full shuffle.
+        saved_algo = obj.get('shuffle_algo', 'full')
+        if saved_algo != self.shuffle_algo:
+            raise ValueError(f'dataset state: the checkpoint read samples with shuffle_algo={saved_algo!r} but this '
+                             f'run resolves to {self.shuffle_algo!r} (auto picks shard_block when a stream has '
+                             f'a remote); set train_loader.dataset.shuffle_algo: {saved_algo} to resume exactly.')
+        if self.shuffle_algo == 'shard_block':
+            if int(obj['shuffle_block_shards']) != self.shuffle_block_shards:
+                raise ValueError(f'dataset state: checkpoint shuffle_block_shards {obj["shuffle_block_shards"]} '
+                                 f'differs from the configured {self.shuffle_block_shards}; set it back to resume.')
+            if list(obj['domain_shards']) != self.domain_shards.tolist():
+                raise ValueError(f'dataset state: checkpoint shards per domain {obj["domain_shards"]} differ from '
+                                 f'the data {self.domain_shards.tolist()}; the shard-aware order needs the same '
+                                 f'shards (rewritten shards change it).')
         sample_index = int(obj['sample_index'])
         if sample_index % self.global_batch_size:
             raise ValueError(f'dataset state: {sample_index} samples consumed is not a whole number of global '
@@ -336,7 +471,40 @@ class MultiDomainStreamingDataset(IterableDataset):
             tokens = np.frombuffer(tokens, dtype=getattr(np, self.token_encoding_type))
         return torch.from_numpy(tokens[:self.max_seq_len].astype(np.int64))
 
+    def _positions(self, domain: int, ordinals: np.ndarray) -> np.ndarray:
+        if self.shuffle_algo == 'shard_block':
+            return self._block_orders[domain].positions(ordinals)
+        return domain_positions(self.shuffle_seed, domain, ordinals, int(self.domain_sizes[domain]))
+
+    def _window(self, prefetcher: _ShardPrefetcher, counts_before: np.ndarray, counts_after: np.ndarray,
+                active: np.ndarray) -> None:
+        """Queue the shards of the frontier's block and the next one; mark the window's shards recent."""
+        access_times = self._streams_dataset._shard_access_times
+        states = self._streams_dataset._shard_states
+        now = time.time_ns()
+        for domain in np.flatnonzero(active | (counts_after > counts_before)):
+            order = self._block_orders[domain]
+            first = order.block_of(int(counts_before[domain]))
+            current = order.block_of(int(counts_after[domain]))
+            upcoming = order.next_block(*current)
+            offset = int(self.shard_offsets[domain])
+            prefetcher.want(offset + np.concatenate([order.block_shards_of(*current),
+                                                     order.block_shards_of(*upcoming)]))
+            blocks = {first, current, upcoming}
+            for block in blocks:
+                for shard_id in offset + order.block_shards_of(*block):
+                    if states[shard_id] == _ShardState.LOCAL:
+                        access_times[shard_id] = now
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        prefetcher = _ShardPrefetcher(self._streams_dataset) if self.prefetch else None
+        try:
+            yield from self._iterate(prefetcher)
+        finally:
+            if prefetcher is not None:
+                prefetcher.close()
+
+    def _iterate(self, prefetcher: _ShardPrefetcher | None) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None and info.num_workers != self.num_workers:
@@ -356,14 +524,18 @@ class MultiDomainStreamingDataset(IterableDataset):
             counts = count_domains(self.shuffle_seed, starts, proportions, cursor_index, counts, batch_begin)
             domains = draw_domains(self.shuffle_seed, starts, proportions,
                                    batch_begin, batch_begin + self.global_batch_size)
+            counts_before = counts
             ordinals, counts = assign_ordinals(domains, counts)
             cursor_index = batch_begin + self.global_batch_size
+            if prefetcher is not None:
+                segment = int(np.searchsorted(starts, cursor_index - 1, side='right')) - 1
+                self._window(prefetcher, counts_before, counts, proportions[segment] > 0)
             my_domains, my_ordinals = domains[mine], ordinals[mine]
             sample_ids = np.empty(my_domains.size, dtype=np.int64)
             for domain in np.unique(my_domains):
                 hits = my_domains == domain
                 size = int(self.domain_sizes[domain])
-                positions = domain_positions(self.shuffle_seed, int(domain), my_ordinals[hits], size)
+                positions = self._positions(int(domain), my_ordinals[hits])
                 sample_ids[hits] = self.domain_offsets[domain] + positions
                 new_pass = my_ordinals[hits][(my_ordinals[hits] % size == 0) & (my_ordinals[hits] > 0)]
                 for ordinal in new_pass:
