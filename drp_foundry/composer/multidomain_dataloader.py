@@ -14,6 +14,9 @@ Train loader (YAML; LLM-Foundry adds ``tokenizer`` and ``device_batch_size``)::
         max_seq_len: 4096
         shuffle_seed: 17
         update_lag_batches: auto           # num_workers * prefetch_factor; or an int >= that
+        shuffle_algo: auto                 # shard_block if a stream has a remote, else full
+        shuffle_block_shards: 8            # shard_block: shards shuffled together (cache ~3 blocks/domain)
+        cache_limit: null                  # e.g. 200gb: local cache bound (streaming evicts LRU shards)
         eos_token_id: 2                    # optional: adds sequence_id like the `text` loader
       num_workers: 8
       prefetch_factor: 2
@@ -57,7 +60,8 @@ __all__ = ['build_multidomain_dataloader', 'domain_eval_loader_configs', 'Domain
 _STREAMING_KEYS = ('download_retry', 'download_timeout', 'validate_hash', 'keep_zip', 'cache_limit')
 DATASET_KEYS = ('domains', 'proportions', 'max_seq_len', 'data_root', 'split', 'remote_root', 'streams',
                 'shuffle_seed', 'update_lag_batches', 'token_encoding_type', 'eos_token_id',
-                'bos_token_id', 'max_mixture_segments') + _STREAMING_KEYS
+                'bos_token_id', 'max_mixture_segments', 'shuffle_algo', 'shuffle_block_shards',
+                'prefetch') + _STREAMING_KEYS
 _STREAM_KEYS = ('local', 'remote', 'split')
 
 
@@ -140,6 +144,9 @@ def build_multidomain_dataloader(tokenizer: PreTrainedTokenizerBase | None,
         token_encoding_type=dataset.get('token_encoding_type', 'int64'),
         max_mixture_segments=int(dataset.get('max_mixture_segments', 4096)),
         streaming_kwargs={key: dataset[key] for key in _STREAMING_KEYS if key in dataset},
+        shuffle_algo=str(dataset.get('shuffle_algo', 'auto')),
+        shuffle_block_shards=int(dataset.get('shuffle_block_shards', 8)),
+        prefetch=bool(dataset.get('prefetch', True)),
     )
 
     collator_dataset_cfg = {key: dataset[key] for key in ('eos_token_id', 'bos_token_id') if key in dataset}

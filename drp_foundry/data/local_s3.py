@@ -136,9 +136,11 @@ def _make_handler(state: _ProxyState, upstream: tuple[str, int]):
                     state.requests += 1
             self.send_response(response.status)
             for key, value in response.getheaders():
-                if key.lower() not in _HOP_HEADERS and key.lower() != 'content-length':
+                # HEAD keeps the object's Content-Length (boto3 sizes its download from it).
+                if key.lower() not in _HOP_HEADERS and (key.lower() != 'content-length' or self.command == 'HEAD'):
                     self.send_header(key, value)
-            self.send_header('Content-Length', str(len(payload)))
+            if self.command != 'HEAD':
+                self.send_header('Content-Length', str(len(payload)))
             self.end_headers()
             if self.command != 'HEAD':
                 self.wfile.write(payload)

@@ -67,7 +67,8 @@ from drp_foundry.data.domain_sampling import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ['MultiDomainStreamingDataset', 'TOKEN_ENCODING_TYPES', 'STATE_VERSION', 'SHUFFLE_ALGOS']
+__all__ = ['MultiDomainStreamingDataset', 'TOKEN_ENCODING_TYPES', 'STATE_VERSION', 'SHUFFLE_ALGOS',
+           'release_inherited_clients']
 
 SHUFFLE_ALGOS = ('auto', 'full', 'shard_block')
 # Blocks of one domain a reader needs at once: the one lagging workers still read, the one the
@@ -139,6 +140,20 @@ class _SharedMixtureTable:
     def read_resume(self) -> tuple[int, np.ndarray]:
         values = self.resume.numpy().copy()
         return int(values[0]), values[1:]
+
+
+def release_inherited_clients(dataset: StreamingDataset) -> None:
+    """Drop the object-store clients a forked DataLoader worker inherited from its parent.
+
+    The parent downloads each stream's ``index.json`` with a client whose keep-alive
+    connections a forked worker would otherwise share with its siblings: two processes then
+    read one socket and get each other's bytes (truncated shards). The downloader makes a new
+    client on its next download.
+    """
+    for stream in dataset.streams:
+        downloader = getattr(stream, '_downloader', None)
+        if downloader is not None:
+            downloader.clean_up()
 
 
 class _ShardPrefetcher:
@@ -330,13 +345,13 @@ class MultiDomainStreamingDataset(IterableDataset):
                             'shards are evicted and downloaded again many times per pass; set '
                             'shuffle_algo: shard_block (or auto) for remote data.', cache_limit)
             else:
-                need = 0
+                need = sum(stream.get_index_size() for stream in self._streams_dataset.streams)
                 for begin, count in zip(self.shard_offsets, self.domain_shards):
                     sizes = sorted((shards[i].get_max_size() for i in range(begin, begin + count)), reverse=True)
                     need += sum(sizes[:_WINDOW_BLOCKS * self.shuffle_block_shards])
                 if cache_limit < need:
-                    log.warning('cache_limit=%d bytes is below the shards the readers use at once (about %d bytes: '
-                                '%d blocks of shuffle_block_shards=%d shards per domain); some shards will be '
+                    log.warning('cache_limit=%d bytes is below the index files plus the shards the readers use at '
+                                'once (about %d bytes: %d blocks of shuffle_block_shards=%d shards per domain); some shards will be '
                                 'downloaded more than once per pass. Raise cache_limit or lower '
                                 'shuffle_block_shards.', cache_limit, need, _WINDOW_BLOCKS,
                                 self.shuffle_block_shards)
@@ -497,6 +512,8 @@ class MultiDomainStreamingDataset(IterableDataset):
                         access_times[shard_id] = now
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if get_worker_info() is not None:
+            release_inherited_clients(self._streams_dataset)
         prefetcher = _ShardPrefetcher(self._streams_dataset) if self.prefetch else None
         try:
             yield from self._iterate(prefetcher)
