@@ -3,17 +3,37 @@
 Both read the same per-domain MDS shards (``tokens: ndarray:int32``) with the same DataLoader
 settings (workers, prefetch, batch size) and yield int64 token tensors; the plain dataset
 mixes domains with fixed ``Stream(proportion=...)`` weights and its own shuffle, ours draws
-domains with the counter-based mixture. The two are timed in alternating rounds in one run
-(warm-up batches excluded, median of rounds). The last line is the ratio ours / plain
-(goal >= 0.95).
+domains with the counter-based mixture.
+
+Local mode (default): page-cached local shards; the two are timed in alternating rounds in
+one run (warm-up batches excluded, median of rounds). Last line: the ratio ours / plain.
 
     python bench/data_throughput.py --workers 2 --batch-size 16 --batches 300
+
+Remote mode (``--remote``): the shards are uploaded to a real S3-compatible server on
+127.0.0.1 (moto's server, ``pip install -e .[dev]``) behind a proxy that adds ``--latency-ms``
+to every request; both datasets stream ``s3://`` into a fresh local cache per run, without
+and with ``cache_limit``. Ours uses the shard-aware order (``shuffle_algo: shard_block``,
+``--block-shards`` shards per block, next block prefetched); the plain dataset uses
+streaming's ``py1br`` shuffle with the same block (``shuffle_block_size`` = block_shards x
+samples per shard), so both keep the same randomness. Domain sizes follow the proportions, so
+a run of most of an epoch reads each shard about once. Reported per run: samples/s after the
+warm-up batches and the download amplification = bytes the server sent (shards and indexes)
+/ bytes of the samples served. Last line: ratio ours / plain with cache_limit (goal >= 0.95).
+
+    python bench/data_throughput.py --remote --workers 2 --batch-size 16 --latency-ms 50
+
+Each mode rewrites its part of the ``data_throughput`` section of docs/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,18 +43,21 @@ import torch
 from streaming import MDSWriter, Stream, StreamingDataset
 from torch.utils.data import DataLoader
 
-from drp_foundry.data.multidomain_dataset import MultiDomainStreamingDataset
+from drp_foundry.data.multidomain_dataset import MultiDomainStreamingDataset, release_inherited_clients
 
 PROPORTIONS = [0.5, 0.3, 0.2]
+RESULTS = Path(__file__).resolve().parents[1] / 'docs' / 'RESULTS.md'
+SECTION = 'data_throughput'
+BUCKET = 'drp-bench'
 
 
-def write_shards(root: Path, samples_per_domain: int, seq_len: int) -> list[str]:
+def write_shards(root: Path, samples_per_domain: list[int], seq_len: int, shard_bytes: int = 1 << 22) -> list[str]:
     rng = np.random.default_rng(0)
     names = [f'domain{i}' for i in range(len(PROPORTIONS))]
-    for name in names:
+    for name, count in zip(names, samples_per_domain):
         with MDSWriter(out=str(root / name / 'train'), columns={'tokens': 'ndarray:int32'},
-                       size_limit=1 << 22) as writer:
-            for _ in range(samples_per_domain):
+                       size_limit=shard_bytes) as writer:
+            for _ in range(count):
                 writer.write({'tokens': rng.integers(0, 32000, size=seq_len).astype(np.int32)})
     return names
 
@@ -59,21 +82,32 @@ def samples_per_second(loader: DataLoader, warmup: int, batches: int) -> float:
     return batches * batch.shape[0] / elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--workers', type=int, default=2)
-    parser.add_argument('--prefetch-factor', type=int, default=2)
-    parser.add_argument('--batch-size', type=int, default=16)
-    parser.add_argument('--batches', type=int, default=300)
-    parser.add_argument('--warmup', type=int, default=20)
-    parser.add_argument('--rounds', type=int, default=5)
-    parser.add_argument('--seq-len', type=int, default=1024)
-    parser.add_argument('--samples-per-domain', type=int, default=4000)
-    args = parser.parse_args()
+def write_results(mode: str, lines: list[str]) -> None:
+    """Rewrite this mode's block inside the ``data_throughput`` section of docs/RESULTS.md."""
+    begin, end = f'<!-- BEGIN {SECTION} -->', f'<!-- END {SECTION} -->'
+    text = RESULTS.read_text() if RESULTS.exists() else '# Measured results\n'
+    if begin not in text:
+        text = text.rstrip('\n') + f'\n\n{begin}\n## Data loader throughput (`bench/data_throughput.py`)\n{end}\n'
+    head, rest = text.split(begin, 1)
+    body, tail = rest.split(end, 1)
+    blocks = dict(re.findall(r'<!-- mode: (\w+) -->\n(.*?)<!-- /mode -->\n', body, flags=re.S))
+    blocks[mode] = '\n'.join(lines) + '\n'
+    title = '## Data loader throughput (`bench/data_throughput.py`)\n'
+    new_body = '\n' + title + ''.join(f'<!-- mode: {m} -->\n{blocks[m]}<!-- /mode -->\n'
+                                      for m in sorted(blocks))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(head + begin + new_body + end + tail)
 
+
+def command_line() -> str:
+    return 'python bench/data_throughput.py ' + ' '.join(sys.argv[1:])
+
+
+# ------------------------------------------------------------------------------------------- local
+def run_local(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        names = write_shards(root, args.samples_per_domain, args.seq_len)
+        names = write_shards(root, [args.samples_per_domain] * len(PROPORTIONS), args.seq_len)
         loader_kwargs = dict(batch_size=args.batch_size, num_workers=args.workers, drop_last=True,
                              prefetch_factor=args.prefetch_factor if args.workers else None,
                              persistent_workers=False)
@@ -94,9 +128,153 @@ def main() -> None:
             print(f'round {round_index}: plain {rates["plain"][-1]:.0f} samples/s, '
                   f'ours {rates["ours"][-1]:.0f} samples/s', flush=True)
         plain_rate, ours_rate = statistics.median(rates['plain']), statistics.median(rates['ours'])
-        print(f'workers={args.workers} batch={args.batch_size} seq_len={args.seq_len}: '
-              f'plain StreamingDataset {plain_rate:.0f} samples/s, drp_multidomain {ours_rate:.0f} samples/s')
-        print(f'throughput ratio drp_multidomain / StreamingDataset: {ours_rate / plain_rate:.3f}')
+        summary = (f'workers={args.workers} batch={args.batch_size} seq_len={args.seq_len}: '
+                   f'plain StreamingDataset {plain_rate:.0f} samples/s, drp_multidomain {ours_rate:.0f} samples/s')
+        ratio = f'throughput ratio drp_multidomain / StreamingDataset: {ours_rate / plain_rate:.3f}'
+        print(summary)
+        write_results('local', ['### Local shards (page cache)', '', f'`{command_line()}` '
+                                f'(median of {args.rounds} alternating rounds; shared, loaded 2-core machine)',
+                                '', f'- {summary}', f'- {ratio}'])
+        print(ratio)
+
+
+# ------------------------------------------------------------------------------------------ remote
+def _worker_init(_worker_id: int) -> None:
+    # the plain dataset's forked workers get fresh S3 clients too (see release_inherited_clients)
+    info = torch.utils.data.get_worker_info()
+    release_inherited_clients(info.dataset)
+
+
+def remote_run(system: str, s3, names: list[str], args, cache_limit: int | None, work: Path,
+               samples_per_shard: int, batches: int) -> dict[str, float]:
+    cache = Path(tempfile.mkdtemp(prefix=f'{system}-', dir=work))
+    remote = f's3://{BUCKET}/mds'
+    s3.reset_stats()
+    if system == 'plain':
+        dataset = StreamingDataset(
+            streams=[Stream(remote=f'{remote}/{n}', local=str(cache / n), split='train', proportion=p)
+                     for n, p in zip(names, PROPORTIONS)],
+            shuffle=True, shuffle_algo='py1br', shuffle_block_size=args.block_shards * samples_per_shard,
+            batch_size=args.batch_size, shuffle_seed=17, cache_limit=cache_limit)
+        collate, init = collate_plain, _worker_init
+    else:
+        dataset = MultiDomainStreamingDataset(
+            names, [Stream(remote=f'{remote}/{n}', local=str(cache / n), split='train') for n in names],
+            PROPORTIONS, max_seq_len=args.seq_len, device_batch_size=args.batch_size, num_workers=args.workers,
+            prefetch_factor=args.prefetch_factor, shuffle_algo=system, shuffle_block_shards=args.block_shards,
+            streaming_kwargs={'cache_limit': cache_limit} if cache_limit else None)
+        collate, init = collate_ours, None
+    loader = DataLoader(dataset, collate_fn=collate, batch_size=args.batch_size, num_workers=args.workers,
+                        drop_last=True, prefetch_factor=args.prefetch_factor if args.workers else None,
+                        persistent_workers=False, worker_init_fn=init if args.workers else None)
+    iterator = iter(loader)
+    served = 0
+    for _ in range(args.warmup):
+        served += next(iterator).shape[0]
+    start = time.perf_counter()
+    for _ in range(batches):
+        served += next(iterator).shape[0]
+    elapsed = time.perf_counter() - start
+    del iterator, loader
+    stats = s3.stats()
+    fetched = sum(stats['get_bytes'].values())
+    shard_gets = [n for path, n in stats['get_requests'].items() if re.search(r'shard\.\d+\.mds$', path)]
+    del dataset
+    shutil.rmtree(cache, ignore_errors=True)
+    return {'rate': batches * args.batch_size / elapsed, 'amplification': fetched / (served * args.seq_len * 4),
+            'max_fetches': max(shard_gets), 'seconds': elapsed}
+
+
+def run_remote(args) -> None:
+    from drp_foundry.data.local_s3 import LocalS3
+
+    total = args.samples_per_domain * len(PROPORTIONS)
+    sizes = [int(round(total * p)) for p in PROPORTIONS]
+    with tempfile.TemporaryDirectory() as tmp, LocalS3(latency_s=args.latency_ms / 1000, max_seconds=3600) as s3:
+        root, work = Path(tmp) / 'mds', Path(tmp) / 'caches'
+        work.mkdir()
+        names = write_shards(root, sizes, args.seq_len, args.shard_bytes)
+        shard_files = sorted(root.rglob('shard.*.mds'))
+        shard_size = max(p.stat().st_size for p in shard_files)
+        index_bytes = sum(p.stat().st_size for p in root.rglob('index.json'))
+        samples_per_shard = max(1, (args.shard_bytes - 64) // (args.seq_len * 4 + 4))
+        s3.upload_folder(root, BUCKET, 'mds')
+        cache_limit = index_bytes + args.cache_shards * shard_size
+        batches = int(args.epoch_fraction * total / args.batch_size) - args.warmup
+        print(f'{total} samples of {args.seq_len} int32 tokens in {len(shard_files)} shards of <= {shard_size} bytes; '
+              f'latency {args.latency_ms:g} ms/request; cache_limit {cache_limit} bytes = indexes + '
+              f'{args.cache_shards} shards; {args.warmup} + {batches} batches of {args.batch_size} per run', flush=True)
+        systems = ['plain', 'shard_block'] + (['full'] if args.with_full else [])
+        results: dict[tuple[str, str], list[dict]] = {}
+        with s3.environment():
+            for label, limit in [('no cache_limit', None), ('cache_limit', cache_limit)]:
+                for round_index in range(args.rounds):
+                    order = systems if round_index % 2 == 0 else systems[::-1]
+                    for system in order:
+                        result = remote_run(system, s3, names, args, limit, work, samples_per_shard, batches)
+                        results.setdefault((label, system), []).append(result)
+                        print(f'{label:>14} round {round_index} {system:>11}: {result["rate"]:7.0f} samples/s, '
+                              f'amplification {result["amplification"]:.3f}, max fetches/shard '
+                              f'{result["max_fetches"]}, {result["seconds"]:.1f} s', flush=True)
+        names_of = {'plain': 'StreamingDataset (py1br)', 'shard_block': 'drp_multidomain shard_block',
+                    'full': 'drp_multidomain full shuffle'}
+        table = ['| cache | dataset | samples/s (median) | download amplification | max fetches of a shard |',
+                 '|---|---|---|---|---|']
+        medians = {}
+        for (label, system), runs in results.items():
+            rate = statistics.median(r['rate'] for r in runs)
+            amp = statistics.median(r['amplification'] for r in runs)
+            medians[(label, system)] = (rate, amp)
+            table.append(f'| {label} | {names_of[system]} | {rate:.0f} | {amp:.3f} | '
+                         f'{max(r["max_fetches"] for r in runs)} |')
+        lines = []
+        for label in ('no cache_limit', 'cache_limit'):
+            (plain_rate, plain_amp), (ours_rate, ours_amp) = medians[(label, 'plain')], medians[(label, 'shard_block')]
+            lines.append(f'{label}: throughput ratio ours/StreamingDataset {ours_rate / plain_rate:.3f}; '
+                         f'amplification ours {ours_amp:.3f} vs StreamingDataset {plain_amp:.3f} '
+                         f'(ratio {ours_amp / plain_amp:.3f})')
+        print('\n'.join(table))
+        print('\n'.join(lines))
+        last = (f'throughput ratio drp_multidomain / StreamingDataset (remote, cache_limit, '
+                f'{args.latency_ms:g} ms latency): {medians[("cache_limit", "shard_block")][0] / medians[("cache_limit", "plain")][0]:.3f}')
+        write_results('remote', [
+            '### Remote shards (local moto S3 server + latency proxy)', '',
+            f'`{command_line()}`', '',
+            f'{total} samples of {args.seq_len} int32 tokens, {len(shard_files)} shards of <= {shard_size} bytes, '
+            f'proportions {PROPORTIONS} (domain sizes in proportion), {args.workers} workers, batch {args.batch_size}, '
+            f'{args.latency_ms:g} ms per request, block {args.block_shards} shards for both, cache_limit = indexes + '
+            f'{args.cache_shards} shards ({cache_limit} bytes). Each run: fresh cache, {args.warmup} warm-up + '
+            f'{batches} timed batches ({args.epoch_fraction:g} epoch); median of {args.rounds} alternating rounds. '
+            f'Amplification = bytes sent by the server / bytes of samples served. Shared, loaded 2-core machine.',
+            '', *table, '', *[f'- {line}' for line in lines], f'- {last}'])
+        print(last)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--prefetch-factor', type=int, default=2)
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--batches', type=int, default=300, help='local mode: timed batches per round')
+    parser.add_argument('--warmup', type=int, default=20)
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--seq-len', type=int, default=1024)
+    parser.add_argument('--samples-per-domain', type=int, default=4000,
+                        help='local: samples per domain; remote: mean samples per domain (sizes follow proportions)')
+    parser.add_argument('--remote', action='store_true', help='stream from a local S3 server (moto) with latency')
+    parser.add_argument('--latency-ms', type=float, default=50.0, help='remote: added per request')
+    parser.add_argument('--shard-bytes', type=int, default=1 << 18, help='remote: MDS size_limit')
+    parser.add_argument('--block-shards', type=int, default=2, help='remote: shards per shuffle block (both)')
+    parser.add_argument('--cache-shards', type=int, default=24, help='remote: cache_limit = indexes + this many shards')
+    parser.add_argument('--epoch-fraction', type=float, default=0.9, help='remote: samples read per run / dataset')
+    parser.add_argument('--with-full', action='store_true', help='remote: also time our full shuffle (slow)')
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
+    if args.remote:
+        run_remote(args)
+    else:
+        run_local(args)
 
 
 if __name__ == '__main__':

@@ -140,9 +140,9 @@ def test_full_shuffle_with_the_same_cache_limit_fetches_shards_many_times(s3, lo
     index_bytes = sum(p.stat().st_size for p in local_root.rglob('index.json'))
     dataset = remote_dataset(tmp_path, 'cache_full', shuffle_algo='full',
                              streaming_kwargs={'cache_limit': index_bytes + 24 * shard_size})
-    run(dataset, 40)
+    run(dataset, 20)  # 160 samples, a quarter of the data
     fetches = shard_fetches(s3.stats(), f'/{BUCKET}/mds/')
-    assert max(fetches.values()) >= 3
+    assert max(fetches.values()) >= 3 and sum(fetches.values()) > 1.5 * len(fetches)
 
 
 def test_remote_resume_continues_with_the_uninterrupted_samples_and_matches_the_local_copy(
@@ -173,3 +173,25 @@ def test_remote_resume_continues_with_the_uninterrupted_samples_and_matches_the_
     other = remote_dataset(tmp_path, 'd', update_lag_batches=4, shuffle_algo='full')
     with pytest.raises(ValueError, match='shuffle_algo'):
         other.load_state_dict(state)
+
+
+def test_yaml_builder_streams_remote_root_with_cache_limit_and_refuses_a_bad_shuffle_algo(
+        s3, local_root, tmp_path, tiny_tokenizer):
+    from drp_foundry.composer.multidomain_dataloader import build_multidomain_dataloader
+
+    shard_size = max(p.stat().st_size for p in local_root.rglob('shard.*.mds'))
+    index_bytes = sum(p.stat().st_size for p in local_root.rglob('index.json'))
+    dataset_cfg = {'data_root': str(tmp_path / 'cache'), 'remote_root': f's3://{BUCKET}/mds', 'domains': NAMES,
+                   'proportions': [0.4, 0.4, 0.2], 'max_seq_len': SEQ, 'shuffle_block_shards': 2,
+                   'cache_limit': index_bytes + 24 * shard_size}
+    spec = build_multidomain_dataloader(tiny_tokenizer, 4, dataset_cfg, num_workers=0)
+    dataset = spec.dataloader.dataset
+    assert dataset.has_remote and dataset.shuffle_algo == 'shard_block' and dataset.shuffle_block_shards == 2
+    iterator = iter(spec.dataloader)
+    for _ in range(3):
+        batch = next(iterator)
+        np.testing.assert_array_equal(batch['input_ids'][:, 0] // TAG, batch['domain_idx'])
+    del iterator
+    with pytest.raises(ValueError, match='shuffle_algo'):
+        build_multidomain_dataloader(tiny_tokenizer, 4, {**dataset_cfg, 'data_root': str(tmp_path / 'cache2'),
+                                                         'shuffle_algo': 'py1e'}, num_workers=0)
