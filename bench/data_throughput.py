@@ -245,7 +245,10 @@ def run_remote(args) -> None:
             f'{args.latency_ms:g} ms per request, block {args.block_shards} shards for both, cache_limit = indexes + '
             f'{args.cache_shards} shards ({cache_limit} bytes). Each run: fresh cache, {args.warmup} warm-up + '
             f'{batches} timed batches ({args.epoch_fraction:g} epoch); median of {args.rounds} alternating rounds. '
-            f'Amplification = bytes sent by the server / bytes of samples served. Shared, loaded 2-core machine.',
+            f'Amplification = bytes sent by the server / bytes of samples served. The plain dataset keeps its '
+            f'defaults otherwise (predownload 8 x batch per worker); both drop the S3 client a forked worker '
+            f'inherits (`release_inherited_clients`: without it the plain dataset got connection resets here). '
+            f'Shared, loaded 2-core machine.',
             '', *table, '', *[f'- {line}' for line in lines], f'- {last}'])
         print(last)
 

@@ -74,6 +74,12 @@ class _ProxyState:
             self.requests = 0
 
 
+class _ProxyServer(ThreadingHTTPServer):
+    # Every DataLoader worker, prefetch thread and reader opens its own connection; the default
+    # listen backlog of 5 refuses some of them on a loaded machine.
+    request_queue_size = 256
+
+
 def _make_handler(state: _ProxyState, upstream: tuple[str, int]):
     local = threading.local()
 
@@ -160,7 +166,7 @@ def _serve(latency_s: float, max_seconds: float) -> None:
     moto_server.start()
     upstream = moto_server.get_host_and_port()
     state = _ProxyState(latency_s)
-    proxy = ThreadingHTTPServer((LOOPBACK, 0), _make_handler(state, upstream))
+    proxy = _ProxyServer((LOOPBACK, 0), _make_handler(state, upstream))
     proxy.daemon_threads = True
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     print(f'READY {proxy.server_address[1]} {upstream[1]}', flush=True)
