@@ -100,7 +100,7 @@ def write_results(mode: str, lines: list[str]) -> None:
 
 
 def command_line() -> str:
-    return 'python bench/data_throughput.py ' + ' '.join(sys.argv[1:])
+    return ' '.join(['python bench/data_throughput.py', *sys.argv[1:]])
 
 
 # ------------------------------------------------------------------------------------------- local
