@@ -1,7 +1,10 @@
 """Per-domain JSONL corpus -> per-domain MDS shards with a train and a held-out eval split.
 
-Input: a corpus folder holding, per domain, either ``<domain>.jsonl`` or a folder
-``<domain>/`` of ``*.jsonl`` files; one JSON object per line with a ``text`` field.
+Input: a corpus folder holding, per domain, either one file ``<domain>.jsonl`` (or
+``<domain>.jsonl.gz`` / ``<domain>.jsonl.zst``) or a folder ``<domain>/`` of such files;
+one JSON object per line with a ``text`` field, UTF-8. A domain given twice (a file and a
+folder, or two files) is refused, and so is any other compressed or data-looking file
+(``.bz2``, ``.xz``, ``.parquet``, ...), by name: nothing in the corpus is skipped silently.
 
 Output (``OUT``), the layout the rest of drp-foundry reads (docs/DESIGN.md)::
 
@@ -27,7 +30,9 @@ over an existing output are refused unless ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -73,50 +78,182 @@ class PrepSettings:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+# Readable inputs: the suffix and how to open it as text.
+SUPPORTED_SUFFIXES = ('.jsonl', '.jsonl.gz', '.jsonl.zst')
+# Files that look like data or archives but cannot be read here: refused, never skipped.
+_REFUSED_SUFFIXES = ('.gz', '.zst', '.zstd', '.bz2', '.xz', '.lz4', '.lzma', '.zip', '.7z', '.tar', '.tgz',
+                     '.parquet', '.arrow', '.csv', '.tsv', '.txt', '.json')
+# Metadata files that sit beside the domains (written by data_prep/hf_corpora.py): ignored.
+_KNOWN_METADATA = ('hf_export.json', 'manifest.json', 'README.md', 'README')
+
+
+def _supported_stem(name: str) -> str | None:
+    """The domain name of a readable input file (``wiki.jsonl.gz`` -> ``wiki``), else None."""
+    for suffix in SUPPORTED_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _refused_stem(name: str) -> str | None:
+    """The would-be domain of a data-looking file we cannot read (``wiki.jsonl.bz2`` -> ``wiki``), else None."""
+    if name in _KNOWN_METADATA:
+        return None
+    lower = name.lower()
+    if '.jsonl' in lower:
+        return name[: lower.index('.jsonl')]
+    if lower.endswith(_REFUSED_SUFFIXES):
+        return name.split('.', 1)[0]
+    return None
+
+
+def _unsupported(path: Path) -> DataPrepError:
+    return DataPrepError(f'{path}: cannot read this file type; a domain file must be one of '
+                         f'{", ".join("*" + s for s in SUPPORTED_SUFFIXES)} (JSON lines with a "text" field). '
+                         'Convert it, or move it out of the corpus folder')
+
+
 def find_domain_files(corpus: Path, domains: list[str] | None = None) -> dict[str, list[Path]]:
-    """Map each domain to its JSONL files. ``domains=None`` takes every domain in ``corpus``."""
+    """Map each domain to its JSONL files. ``domains=None`` takes every domain in ``corpus``.
+
+    A domain must come from exactly one source: a file (``.jsonl``, ``.jsonl.gz`` or
+    ``.jsonl.zst``) or a folder of such files. Two sources for one domain, or a compressed
+    / data-looking file of another format, are refused with the paths named.
+    """
     if not corpus.is_dir():
         raise DataPrepError(f'corpus folder {corpus} does not exist; pass --corpus DIR holding '
-                            '<domain>.jsonl files or <domain>/ folders of *.jsonl')
-    found: dict[str, list[Path]] = {}
+                            '<domain>.jsonl(.gz|.zst) files or <domain>/ folders of them')
+    sources: dict[str, list[Path]] = {}  # domain -> every file or folder that claims it
+    files_of: dict[Path, list[Path]] = {}
+    refused: dict[str, Path] = {}
     for entry in sorted(corpus.iterdir()):
-        if entry.is_file() and entry.suffix == '.jsonl':
-            found[entry.stem] = [entry]
-        elif entry.is_dir() and not entry.name.startswith('.'):
-            files = sorted(entry.glob('*.jsonl'))
-            if files:
-                found[entry.name] = files
+        if entry.name.startswith('.'):
+            continue  # hidden: partial outputs of hf_corpora, editor files
+        if entry.is_dir():
+            inner, bad = [], []
+            for f in sorted(entry.iterdir()):
+                if f.name.startswith('.') or not f.is_file():
+                    continue
+                if _supported_stem(f.name) is not None:
+                    inner.append(f)
+                elif _refused_stem(f.name) is not None:
+                    bad.append(f)
+                else:
+                    log.warning('%s: not a domain file (*.jsonl, *.jsonl.gz, *.jsonl.zst); ignored', f)
+            if bad:
+                refused.setdefault(entry.name, bad[0])
+            if inner:
+                sources.setdefault(entry.name, []).append(entry)
+                files_of[entry] = inner
+        elif entry.is_file():
+            stem = _supported_stem(entry.name)
+            if stem is not None:
+                sources.setdefault(stem, []).append(entry)
+                files_of[entry] = [entry]
+            elif (bad_stem := _refused_stem(entry.name)) is not None:
+                refused.setdefault(bad_stem, entry)
+            elif entry.name not in _KNOWN_METADATA:
+                log.warning('%s: not a domain file (*.jsonl, *.jsonl.gz, *.jsonl.zst); ignored', entry)
+    wanted = set(domains) if domains is not None else set(sources) | set(refused)
+    for domain in sorted(wanted & set(refused)):
+        raise _unsupported(refused[domain])
+    for domain in sorted(wanted & set(sources)):
+        if len(sources[domain]) > 1:
+            both = ' and '.join(str(p) + ('/' if p.is_dir() else '') for p in sources[domain])
+            raise DataPrepError(f'domain {domain!r} is given twice: {both}. Keep one (merge the documents into '
+                                'one file or one folder), or rename one of them to another domain')
+    found = {d: files_of[paths[0]] for d, paths in sources.items()}
     if domains is None:
         if not found:
-            raise DataPrepError(f'no <domain>.jsonl file or <domain>/*.jsonl folder in {corpus}')
+            raise DataPrepError(f'no <domain>.jsonl(.gz|.zst) file or <domain>/ folder of them in {corpus}')
         return found
     missing = [d for d in domains if d not in found]
     if missing:
         raise DataPrepError(
-            f'domain(s) {missing} not found in {corpus}: expected {corpus}/<domain>.jsonl or a folder '
-            f'{corpus}/<domain>/ with *.jsonl files; domains present: {sorted(found)}')
+            f'domain(s) {missing} not found in {corpus}: expected {corpus}/<domain>.jsonl (.gz, .zst) or a '
+            f'folder {corpus}/<domain>/ of such files; domains present: {sorted(found)}')
     return {d: found[d] for d in domains}
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Read every zstd frame of a file in turn; a truncated last frame is an error, not an early end."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self._file = open(path, 'rb')
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._obj = self._new()
+        self._buffer = b''
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while not self._buffer:
+            chunk = self._file.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError('the last zstd frame is truncated')
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._buffer += self._obj.decompress(chunk)
+                chunk = b''
+                if self._obj.eof:
+                    chunk, self._obj, self._in_frame = self._obj.unused_data, self._new(), False
+        n = min(len(target), len(self._buffer))
+        target[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def open_text(path: Path):
+    """Open a domain file as UTF-8 text, decompressing ``.gz`` / ``.zst`` on the fly."""
+    name = path.name
+    if name.endswith('.jsonl.gz'):
+        return gzip.open(path, 'rt', encoding='utf-8')
+    if name.endswith('.jsonl.zst'):
+        return io.TextIOWrapper(io.BufferedReader(_ZstdFrames(path)), encoding='utf-8')
+    return open(path, encoding='utf-8')
 
 
 def read_documents(files: list[Path]) -> list[str]:
     """All ``text`` fields of the files, in order; errors name the file and line."""
     docs: list[str] = []
     for path in files:
-        with open(path, encoding='utf-8') as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataPrepError(f'{path}:{line_no}: not valid JSON ({err.msg})') from err
-                if not isinstance(obj, dict) or 'text' not in obj:
-                    raise DataPrepError(f'{path}:{line_no}: JSON object without a "text" field; '
-                                        'every line must look like {"text": "..."}')
-                if not isinstance(obj['text'], str):
-                    raise DataPrepError(f'{path}:{line_no}: "text" must be a string')
-                if obj['text']:
-                    docs.append(obj['text'])
+        line_no = 0
+        try:
+            with open_text(path) as f:
+                for line_no, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataPrepError(f'{path}:{line_no}: not valid JSON ({err.msg}); every line must '
+                                            'look like {"text": "..."}') from err
+                    if not isinstance(obj, dict) or 'text' not in obj:
+                        raise DataPrepError(f'{path}:{line_no}: JSON object without a "text" field; '
+                                            'every line must look like {"text": "..."}')
+                    if not isinstance(obj['text'], str):
+                        raise DataPrepError(f'{path}:{line_no}: "text" must be a string')
+                    if obj['text']:
+                        docs.append(obj['text'])
+        except UnicodeDecodeError as err:
+            raise DataPrepError(f'{path}:{line_no + 1}: not UTF-8 text ({err.reason} at byte {err.start} of the '
+                                'line); is it a binary file? Re-encode it as UTF-8 JSON lines') from err
+        except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError; truncated archives raise EOFError
+            raise DataPrepError(f'{path}: cannot be read as {path.suffix} ({err}); is the file complete?') from err
+        except Exception as err:  # zstandard.ZstdError (not a subclass of OSError)
+            if type(err).__module__.startswith('zstandard') or type(err).__name__ == 'ZstdError':
+                raise DataPrepError(f'{path}: cannot be read as zstd ({err}); is the file complete?') from err
+            raise
     if not docs:
         raise DataPrepError(f'{", ".join(map(str, files))}: no documents with non-empty "text"; '
                             'remove the domain or add data')
@@ -144,14 +281,15 @@ def tokens_to_samples(docs: list[str], tokenizer, max_seq_len: int, seed: int) -
     return stream[: n * max_seq_len].astype(np.int32).reshape(n, max_seq_len)
 
 
-def split_counts(n_samples: int, settings: PrepSettings) -> tuple[int, int]:
+def split_counts(n_samples: int, settings: PrepSettings, domain: str = 'this domain') -> tuple[int, int]:
     """(train, eval) sample counts for a domain with ``n_samples`` samples."""
     n_eval = int(round(settings.eval_fraction * n_samples))
     n_eval = min(max(n_eval, settings.min_eval_samples), settings.max_eval_samples)
     n_train = n_samples - n_eval
     if n_train < 1:
-        raise DataPrepError(f'only {n_samples} samples of {settings.max_seq_len} tokens: too few for a train '
-                            'and an eval split; lower --max-seq-len or --min-eval-samples, or add data')
+        raise DataPrepError(f'domain {domain!r}: only {n_samples} samples of {settings.max_seq_len} tokens, too few '
+                            f'for a train and an eval split (needs at least {settings.min_eval_samples + 1}); lower '
+                            '--max-seq-len or --min-eval-samples, add data, or leave the domain out (--domains)')
     if settings.max_train_samples is not None:
         n_train = min(n_train, settings.max_train_samples)
     return n_train, n_eval
@@ -234,7 +372,7 @@ def build_domain_mds(corpus: str | Path, out: str | Path, *, domains: list[str] 
                 'vocab_size': len(tok), 'eos_token_id': tok.eos_token_id, 'domains': {}}
     for i, (domain, domain_docs) in enumerate(docs.items()):
         samples = tokens_to_samples(domain_docs, tok, settings.max_seq_len, settings.seed + i)
-        n_train, n_eval = split_counts(len(samples), settings)
+        n_train, n_eval = split_counts(len(samples), settings, domain)
         (out / domain).mkdir(exist_ok=True)
         write_mds_split(samples[:n_train], out / domain / 'train')
         write_mds_split(samples[len(samples) - n_eval:], out / domain / 'eval')

@@ -136,3 +136,97 @@ def test_trains_its_own_tokenizer(small_corpus, tmp_path):
     out = tmp_path / 'mds'
     manifest = build_domain_mds(small_corpus, out, train_tokenizer_vocab=400, settings=SETTINGS)
     assert manifest['vocab_size'] == 400 and (out / 'tokenizer' / 'tokenizer.json').exists()
+
+
+def _compress(path: Path, kind: str) -> Path:
+    import gzip
+
+    import zstandard
+
+    data = path.read_bytes()
+    target = path.with_name(path.name + '.' + kind)
+    if kind == 'gz':
+        target.write_bytes(gzip.compress(data))
+    else:  # two zstd frames: a streaming reader must read across them
+        half = len(data) // 2
+        c = zstandard.ZstdCompressor()
+        target.write_bytes(c.compress(data[:half]) + c.compress(data[half:]))
+    path.unlink()
+    return target
+
+
+def test_compressed_inputs_give_the_same_data(small_corpus, tmp_path, tiny_tokenizer_dir):
+    plain = tmp_path / 'plain'
+    build_domain_mds(small_corpus, plain, tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+    _compress(small_corpus / 'wiki.jsonl', 'gz')
+    (small_corpus / 'cc').mkdir()
+    _compress((small_corpus / 'cc.jsonl').rename(small_corpus / 'cc' / 'part-0.jsonl'), 'zst')
+    packed = tmp_path / 'packed'
+    manifest = build_domain_mds(small_corpus, packed, tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+    assert sorted(manifest['domains']) == sorted(DOMAINS)
+    for d in DOMAINS:
+        for split in ('train', 'eval'):
+            np.testing.assert_array_equal(_read_split(plain / d / split), _read_split(packed / d / split))
+
+
+@pytest.mark.parametrize('name', ['wiki.jsonl.bz2', 'wiki.jsonl.xz', 'wiki.parquet', 'wiki.json.gz', 'wiki.zip'])
+def test_unreadable_formats_are_refused_by_name(small_corpus, tmp_path, tiny_tokenizer_dir, name):
+    (small_corpus / 'wiki.jsonl').rename(small_corpus / name)
+    with pytest.raises(DataPrepError, match=rf'{name.replace(".", chr(92) + ".")}: cannot read this file type'):
+        build_domain_mds(small_corpus, tmp_path / 'o', tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+
+
+def test_unreadable_format_inside_a_domain_folder_is_refused(small_corpus, tmp_path, tiny_tokenizer_dir):
+    (small_corpus / 'cc').mkdir()
+    (small_corpus / 'cc.jsonl').rename(small_corpus / 'cc' / 'a.jsonl')
+    (small_corpus / 'cc' / 'b.jsonl.bz2').write_bytes(b'BZh9')
+    with pytest.raises(DataPrepError, match=r'cc/b\.jsonl\.bz2: cannot read this file type'):
+        build_domain_mds(small_corpus, tmp_path / 'o', tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+
+
+def test_domain_given_as_file_and_folder_is_refused(small_corpus, tmp_path, tiny_tokenizer_dir):
+    (small_corpus / 'wiki').mkdir()
+    (small_corpus / 'wiki' / 'more.jsonl').write_text(json.dumps({'text': 'extra document'}) + '\n')
+    with pytest.raises(DataPrepError, match=r"domain 'wiki' is given twice: ") as err:
+        build_domain_mds(small_corpus, tmp_path / 'o', tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+    assert str(small_corpus / 'wiki.jsonl') in str(err.value) and str(small_corpus / 'wiki') + '/' in str(err.value)
+    # only the asked-for domains are checked
+    build_domain_mds(small_corpus, tmp_path / 'o', domains=['cc', 'github'], tokenizer=str(tiny_tokenizer_dir),
+                     settings=SETTINGS)
+
+
+def test_domain_given_as_two_files_is_refused(small_corpus, tmp_path, tiny_tokenizer_dir):
+    import shutil
+
+    shutil.copy(small_corpus / 'wiki.jsonl', tmp_path / 'w.jsonl')
+    _compress(tmp_path / 'w.jsonl', 'gz').rename(small_corpus / 'wiki.jsonl.gz')
+    with pytest.raises(DataPrepError, match=r"domain 'wiki' is given twice: .*wiki\.jsonl and .*wiki\.jsonl\.gz"):
+        build_domain_mds(small_corpus, tmp_path / 'o', tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+
+
+@pytest.mark.parametrize('payload', [b'{"text": "caf\xe9"}\n', b'\x00\x01\x02\xff\xfe binary'])
+def test_non_utf8_or_binary_file_names_the_file(small_corpus, tmp_path, tiny_tokenizer_dir, payload):
+    (small_corpus / 'github.jsonl').write_bytes(payload)
+    with pytest.raises(DataPrepError, match=r'github\.jsonl:1: not UTF-8 text'):
+        build_domain_mds(small_corpus, tmp_path / 'o', tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+
+
+@pytest.mark.parametrize('kind', ['gz', 'zst'])
+def test_corrupt_compressed_file_names_the_file(small_corpus, tmp_path, tiny_tokenizer_dir, kind):
+    packed = _compress(small_corpus / 'cc.jsonl', kind)
+    packed.write_bytes(packed.read_bytes()[:40])  # truncated download
+    with pytest.raises(DataPrepError, match=rf'cc\.jsonl\.{kind}: cannot be read'):
+        build_domain_mds(small_corpus, tmp_path / 'o', tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+
+
+def test_too_small_domain_is_named(small_corpus, tmp_path, tiny_tokenizer_dir):
+    (small_corpus / 'github.jsonl').write_text(json.dumps({'text': 'a tiny document'}) + '\n')
+    with pytest.raises(DataPrepError, match=r"domain 'github': only 0 samples"):
+        build_domain_mds(small_corpus, tmp_path / 'o', tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+
+
+def test_metadata_beside_the_domains_is_ignored(small_corpus, tmp_path, tiny_tokenizer_dir):
+    (small_corpus / 'hf_export.json').write_text('{}')
+    (small_corpus / 'NOTES.md').write_text('where the data came from')
+    manifest = build_domain_mds(small_corpus, tmp_path / 'o', tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+    assert sorted(manifest['domains']) == sorted(DOMAINS)
