@@ -29,6 +29,7 @@ def small_target(arch: DecoderArchitecture) -> TargetArchitecture:
 def attach(model, seed=0, spread=1.0):
     arch = DecoderArchitecture.from_hf_config(model.config)
     masks = L0MaskModule(arch, small_target(arch))
+    masks.noise_seed = seed  # the mask noise has its own counter-based generator
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for log_alpha in masks.mask_parameters():
@@ -72,7 +73,10 @@ def test_saturated_log_alphas_give_all_ones_in_training_most_of_the_time():
             log_alpha.fill_(100.0)  # clamped to ln 100 before sampling
     drawn = masks.masks_for_forward()
     assert all(log_alpha.max().item() == pytest.approx(4.60517) for log_alpha in masks.mask_parameters())
-    assert all((z > 0.9).float().mean() > 0.95 for z in drawn.values())
+    # P(z > 0.9) = 0.97 per entry at ln 100; averaged over 200 draws (3 standard errors above 0.95 for 3 layers)
+    for key in drawn:
+        share = torch.stack([(masks.masks_for_forward()[key] > 0.9).float().mean() for _ in range(200)]).mean()
+        assert share > 0.95, key
 
 
 def slice_by_indicator_masks(model, indicators):

@@ -28,7 +28,10 @@ Ordering in Composer 0.32 ``Trainer.__init__`` (checked in composer/trainer/trai
    broadcasts rank 0's values).
 5. The checkpoint is loaded: the masks and lambdas are model parameters
    (``model.drp_masks.*``) and the optimizer state has the same groups as when it was saved,
-   so a resumed run continues exactly.
+   so a resumed run continues exactly. The mask noise does not use the global RNG (Composer
+   re-seeds it at start and restores it only at an epoch start): it is counter-based, seeded
+   at INIT from ``rank_zero_seed`` and the rank, with the draw counter in the masks' extra
+   state, so a resumed run draws the noise of the uninterrupted one.
 
 Every batch (``BATCH_END``) the algorithm logs through Composer's logger the expected kept
 fraction ``drp/expected_size/<granularity>`` and final target ``drp/target_size/<granularity>``,
@@ -45,7 +48,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from composer.utils import ensure_tuple
+from composer.utils import dist, ensure_tuple
 from transformers import PreTrainedModel
 
 from drp_foundry.composer.hf_model import unwrap_hf_model
@@ -196,10 +199,13 @@ class MaskLearner(Algorithm):
             if fsdp_config is not None and not getattr(fsdp_config, 'use_orig_params', True):
                 raise ValueError('drp_mask_learner adds optimizer param groups, which FSDP supports only with '
                                  'fsdp_config.use_orig_params: true')
-            apply_mask_learner(state.model, self.target, optimizers=state.optimizers, mask_lr=self.mask_lr,
-                               lambda_lr=self.lambda_lr, granularities=self.granularities, init_mean=self.init_mean,
-                               init_std=self.init_std, eval_mask_mode=self.eval_mask_mode,
-                               key_prefix='drp_mask_learner.target')
+            mask_module = apply_mask_learner(
+                state.model, self.target, optimizers=state.optimizers, mask_lr=self.mask_lr, lambda_lr=self.lambda_lr,
+                granularities=self.granularities, init_mean=self.init_mean, init_std=self.init_std,
+                eval_mask_mode=self.eval_mask_mode, key_prefix='drp_mask_learner.target')
+            # noise seeded by the run, drawn per rank; a checkpoint load restores seed and counter
+            mask_module.noise_seed = int(state.rank_zero_seed)
+            mask_module.noise_rank = dist.get_global_rank()
         elif event == Event.BATCH_START:
             for optimizer in ensure_tuple(state.optimizers):
                 for group in optimizer.param_groups:

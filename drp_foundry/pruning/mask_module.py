@@ -9,7 +9,11 @@ records the source and target architectures and the granularities: a checkpoint 
 self-describing for export (``L0MaskModule.from_extra_state``).
 
 Masks used in a forward pass (``masks_for_forward``):
-- training: one fresh ``sample()``;
+- training: one fresh ``sample()``; its noise comes from the module's own generator, seeded
+  per draw from (``noise_seed``, ``noise_rank``, ``noise_draws``), never from the global RNG.
+  ``noise_seed`` and the draw counter are in the extra state (the checkpoint), the rank is
+  set by the caller: a resumed run draws exactly the noise of the uninterrupted one, on
+  every rank (ranks draw equally often, so rank 0's saved counter is every rank's);
 - eval: ``deterministic(eval_mode)``, cached while the log-alphas are unchanged;
 - ``fixed_masks`` (when set) override both, e.g. all ones in tests.
 
@@ -24,6 +28,7 @@ Pure torch: no Composer or LLM-Foundry import.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -48,6 +53,12 @@ EXTRA_STATE_FORMAT = 'drp_foundry.l0_masks/1'
 _TARGET_FIELD = {'layer': 'layers', 'head': 'kv_heads', 'intermediate': 'intermediate', 'hidden': 'hidden'}
 _SOURCE_FIELD = {'layer': 'num_layers', 'head': 'num_kv_heads', 'intermediate': 'intermediate_size',
                  'hidden': 'hidden_size'}
+
+
+def noise_key(seed: int, rank: int, draw: int) -> int:
+    """The generator seed of one mask sample: a hash of (run seed, rank, draw number), 63 bits."""
+    digest = hashlib.blake2b(f'{seed}:{rank}:{draw}'.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
 
 
 def _detach_terms(terms: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,6 +113,11 @@ class L0MaskModule(nn.Module):
         self.pending_size_terms: dict[str, Any] | None = None  # with graph, consumed by the Lagrangian
         self.last_size_terms: dict[str, Any] | None = None  # detached, for logging
         self._deterministic_cache: tuple[Any, dict[str, torch.Tensor]] | None = None
+        # mask noise (see module doc): seeded from the global RNG unless the caller sets noise_seed
+        self.noise_seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
+        self.noise_rank = 0
+        self.noise_draws = 0
+        self._noise_generators: dict[torch.device, torch.Generator] = {}
         self.reset_parameters()
 
     # --- parameters -------------------------------------------------------------------------
@@ -128,10 +144,22 @@ class L0MaskModule(nn.Module):
             hard_concrete.clamp_log_alpha_(log_alpha)
 
     # --- masks ------------------------------------------------------------------------------
+    def noise_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of the next draw on ``device``, seeded by ``noise_key`` (counter-based)."""
+        device = torch.device(device)
+        generator = self._noise_generators.get(device)
+        if generator is None:
+            generator = self._noise_generators[device] = torch.Generator(device=device)
+        return generator.manual_seed(noise_key(self.noise_seed, self.noise_rank, self.noise_draws))
+
     def sample(self) -> dict[str, torch.Tensor]:
-        """One differentiable hard-concrete sample of every mask (training)."""
+        """One differentiable hard-concrete sample of every mask (training); advances the draw counter."""
         self.clamp_()
-        return {key: hard_concrete.sample_hard_concrete(self.log_alpha(key)) for key in self.granularities}
+        generator = self.noise_generator(self.log_alpha(self.granularities[0]).device)
+        masks = {key: hard_concrete.sample_hard_concrete(self.log_alpha(key), generator=generator)
+                 for key in self.granularities}
+        self.noise_draws += 1
+        return masks
 
     def prob_nonzero(self) -> dict[str, torch.Tensor]:
         """P(z != 0) of every mask entry (differentiable)."""
@@ -236,7 +264,8 @@ class L0MaskModule(nn.Module):
     # --- checkpoint -------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
         return {'format': EXTRA_STATE_FORMAT, 'source': self.source.to_dict(), 'target': self.target.to_dict(),
-                'granularities': list(self.granularities), 'eval_mode': self.eval_mode}
+                'granularities': list(self.granularities), 'eval_mode': self.eval_mode,
+                'noise': {'seed': self.noise_seed, 'draws': self.noise_draws}}
 
     def set_extra_state(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get('format') != EXTRA_STATE_FORMAT:
@@ -248,6 +277,9 @@ class L0MaskModule(nn.Module):
             if saved[name] != current[name]:
                 raise ValueError(f'checkpoint masks were trained with {name}={saved[name]} but this run has '
                                  f'{name}={current[name]}; use the same model and pruning target to resume')
+        noise = state.get('noise')  # absent in checkpoints written before the counter-based noise
+        if noise is not None:
+            self.noise_seed, self.noise_draws = int(noise['seed']), int(noise['draws'])
 
     @classmethod
     def from_extra_state(cls, state: Mapping[str, Any], **kwargs: Any) -> 'L0MaskModule':
