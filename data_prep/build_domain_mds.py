@@ -11,7 +11,8 @@ Output (``OUT``), the layout the rest of drp-foundry reads (docs/DESIGN.md)::
     OUT/<domain>/train/   MDS, column tokens: ndarray:int32, max_seq_len tokens a sample
     OUT/<domain>/eval/    same, held out
     OUT/tokenizer/        only when the tokenizer was trained here (--train-tokenizer)
-    OUT/manifest.json     domains, sample counts, seq length, tokenizer, seed (written last)
+    OUT/manifest.json     domains, sample counts, seq length, tokenizer, seed, and the
+                          content fingerprint of every source file (written last)
 
 Encoding: documents are shuffled with ``seed``, tokenised, an EOS token is appended to
 each, and the token stream is cut into samples of exactly ``max_seq_len`` tokens (the
@@ -21,10 +22,16 @@ of a domain's samples (at least ``min_eval_samples``, at most ``max_eval_samples
 form the eval split; they come from the last documents in the shuffled order, so only
 one document can straddle the split.
 
-Atomic: every split is written into a hidden temporary folder and renamed into place
-when complete; ``manifest.json`` is written last. An interrupted run leaves no split
-that looks complete. A rerun with the same settings is a no-op; different settings
-over an existing output are refused unless ``--overwrite``.
+All or nothing: the whole data root is built in a hidden staging folder beside ``OUT``
+(``.<OUT name>.staging``) and swapped in with renames once its manifest is written, so a
+killed build never leaves a mix of old and new domains, tokenizers or settings in ``OUT``.
+
+Never stale: the manifest's fingerprint covers the settings, the tokenizer files and the
+content of every source file (size and SHA-256, read in streaming). A rerun with the same
+inputs is a no-op; any change (a document added, another tokenizer, another seed) is
+refused with what changed named, or rebuilt with ``--overwrite``. ``--overwrite`` rebuilds
+the whole data root; it refuses to drop domains the root holds (list them in ``--domains``)
+and never deletes a folder data_prep did not write.
 """
 
 from __future__ import annotations
@@ -73,9 +80,91 @@ class PrepSettings:
             raise DataPrepError('--min-eval-samples must be >= 1 and <= --max-eval-samples '
                                 f'(got {self.min_eval_samples} and {self.max_eval_samples})')
 
-    def fingerprint(self, domains: list[str]) -> str:
-        payload = json.dumps({**asdict(self), 'domains': domains}, sort_keys=True)
+    def fingerprint(self, domains: list[str], sources: dict | None = None, tokenizer_sha256: str | None = None) -> str:
+        payload = json.dumps({**asdict(self), 'domains': domains, 'sources': sources,
+                              'tokenizer_sha256': tokenizer_sha256}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Streaming SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_fingerprints(domain_files: dict[str, list[Path]], corpus: Path) -> dict[str, list[dict]]:
+    """{domain: [{file (relative to the corpus), bytes, sha256}]}: what the build reads."""
+    return {domain: [{'file': f.relative_to(corpus).as_posix(), 'bytes': f.stat().st_size, 'sha256': file_sha256(f)}
+                     for f in files]
+            for domain, files in domain_files.items()}
+
+
+# The files that define a tokenizer's ids (whichever of them a tokenizer folder has).
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'spiece.model', 'vocab.json', 'merges.txt', 'vocab.txt',
+                   'special_tokens_map.json', 'added_tokens.json')
+
+
+def tokenizer_sha256(folder: str | Path) -> str | None:
+    """One SHA-256 over the id-defining files of a tokenizer folder (None when it has none of them)."""
+    folder = Path(folder)
+    h, found = hashlib.sha256(), False
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            found = True
+            h.update(name.encode() + b'\0' + file_sha256(folder / name).encode())
+    return h.hexdigest() if found else None
+
+
+def describe_change(old: dict, new: dict) -> str:
+    """What differs between two manifests' inputs, in words (files, settings, domains, tokenizer)."""
+    changes = []
+    old_sources, new_sources = old.get('sources') or {}, new.get('sources') or {}
+    if not old_sources:
+        changes.append('the old build has no content fingerprint (made by an older data_prep)')
+    for domain in new_sources:
+        before = {f['file']: f for f in old_sources.get(domain, [])}
+        for f in new_sources[domain]:
+            b = before.pop(f['file'], None)
+            if b is None and old_sources:
+                changes.append(f'{f["file"]} is new')
+            elif b is not None and (b['bytes'], b['sha256']) != (f['bytes'], f['sha256']):
+                changes.append(f'{f["file"]} changed ({b["bytes"]} -> {f["bytes"]} bytes)')
+        changes.extend(f'{name} is gone' for name in before)
+    old_settings, new_settings = old.get('settings') or {}, new.get('settings') or {}
+    changes.extend(f'setting {key}: {old_settings.get(key)!r} -> {new_settings[key]!r}'
+                   for key in new_settings if old_settings.get(key) != new_settings[key])
+    if old.get('tokenizer_sha256') != new.get('tokenizer_sha256') and old.get('tokenizer_sha256') is not None:
+        changes.append('the tokenizer files differ')
+    if sorted(old.get('domains') or {}) != sorted(new.get('domains') or {}):
+        changes.append(f'domains {sorted(old.get("domains") or {})} -> {sorted(new.get("domains") or {})}')
+    return '; '.join(changes) or 'the fingerprint differs'
+
+
+def staging_dir(out: Path) -> Path:
+    return out.parent / f'.{out.name}.staging'
+
+
+def _old_dir(out: Path) -> Path:
+    return out.parent / f'.{out.name}.old'
+
+
+def _ours(out: Path, manifest: dict | None) -> list[str]:
+    """Entries of ``out`` that data_prep did not write (empty: safe to replace the whole folder)."""
+    expected = {MANIFEST, 'tokenizer'} | set((manifest or {}).get('domains') or {})
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith('.') and p.name not in expected)
+
+
+def _finish_interrupted_swap(out: Path) -> None:
+    """A kill between the two renames of a swap leaves OUT missing and a complete staging folder: finish it."""
+    staging = staging_dir(out)
+    if not out.exists() and (staging / MANIFEST).is_file() and not (staging / BUILDING).exists():
+        os.replace(staging, out)
+        log.info('finished the interrupted swap of %s', out)
+    if out.exists():
+        shutil.rmtree(_old_dir(out), ignore_errors=True)
 
 
 # Readable inputs: the suffix and how to open it as text.
@@ -339,51 +428,82 @@ def build_domain_mds(corpus: str | Path, out: str | Path, *, domains: list[str] 
     """Build the per-domain train/eval MDS splits; returns the manifest (also written to OUT)."""
     corpus, out = Path(corpus), Path(out)
     settings.validate()
+    if bool(tokenizer) == bool(train_tokenizer_vocab):
+        raise DataPrepError('pass exactly one of --tokenizer DIR (a local Hugging Face tokenizer folder) '
+                            'or --train-tokenizer VOCAB_SIZE')
+    if tokenizer and not Path(tokenizer).is_dir():
+        raise DataPrepError(f'--tokenizer {tokenizer}: not a local folder; nothing is downloaded here, '
+                            'point it at a saved Hugging Face tokenizer directory')
     domain_files = find_domain_files(corpus, domains)
     names = list(domain_files)
     tok_key = tokenizer and str(Path(tokenizer).resolve()) or f'trained:{train_tokenizer_vocab}'
     settings = PrepSettings(**{**asdict(settings), 'tokenizer': tok_key})
-    fingerprint = settings.fingerprint(names)
+    sources = source_fingerprints(domain_files, corpus)
+    given_tok_sha = tokenizer_sha256(tokenizer) if tokenizer else None
+    # a trained tokenizer is a function of the corpus and the vocab size, both in the fingerprint
+    fingerprint = settings.fingerprint(names, sources, given_tok_sha)
+    wanted = {'settings': asdict(settings), 'sources': sources, 'tokenizer_sha256': given_tok_sha,
+              'domains': dict.fromkeys(names)}
 
+    _finish_interrupted_swap(out)
     manifest_path = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise DataPrepError(f'--out {out} is a file; choose a folder')
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         if old.get('fingerprint') == fingerprint and all((out / d / s / 'index.json').exists()
                                                          for d in names for s in SPLITS):
-            log.info('%s is up to date (same corpus domains and settings); nothing to do', out)
+            log.info('%s is up to date (same corpus content, domains and settings); nothing to do', out)
             return old
+        change = describe_change({**old, 'tokenizer_sha256': old.get('tokenizer_sha256', given_tok_sha)}, wanted)
         if not overwrite:
-            raise DataPrepError(f'{out} holds data built with other settings ({MANIFEST} differs); '
-                                'pass --overwrite to rebuild it, or choose another --out')
-    elif out.exists() and not overwrite and any(not p.name.startswith('.') for p in out.iterdir()):
-        unfinished = (out / BUILDING).exists() and (out / BUILDING).read_text() == fingerprint
-        if not unfinished:
-            raise DataPrepError(f'{out} exists, is not empty and has no {MANIFEST}; '
-                                'pass --overwrite or choose an empty --out folder')
-        log.info('finishing an interrupted build of %s', out)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path.unlink(missing_ok=True)  # the output is incomplete until the manifest is rewritten
-    (out / BUILDING).write_text(fingerprint)
+            raise DataPrepError(f'{out} was built from other inputs ({change}); pass --overwrite to rebuild the whole '
+                                'data root, or choose another --out')
+        dropped = sorted(set(old.get('domains') or {}) - set(names))
+        if dropped:
+            raise DataPrepError(f'--overwrite rebuilds all of {out} (one tokenizer and one set of settings for every '
+                                f'domain), but this build lacks its domains {dropped}; add them to --domains (they are '
+                                'retokenised too), remove them from the folder yourself, or choose another --out')
+        foreign = _ours(out, old)
+        if foreign:
+            raise DataPrepError(f'{out} holds {foreign}, which data_prep did not write; --overwrite would delete them. '
+                                'Move them out, or choose another --out')
+    elif out.exists() and any(not p.name.startswith('.') for p in out.iterdir()):
+        raise DataPrepError(f'{out} exists, is not empty and has no {MANIFEST}, so it is not a data_prep output '
+                            '(or an old build was killed); data_prep never deletes what it did not write: choose an '
+                            'empty --out, or remove the folder yourself')
+
+    staging = staging_dir(out)
+    shutil.rmtree(staging, ignore_errors=True)  # a killed build's leftovers: always rebuilt from scratch
+    staging.mkdir(parents=True)
+    (staging / BUILDING).write_text(fingerprint)
 
     docs = {d: read_documents(files) for d, files in domain_files.items()}
-    tok, tok_desc = load_or_train_tokenizer(tokenizer, train_tokenizer_vocab, docs, out)
+    tok, tok_desc = load_or_train_tokenizer(tokenizer, train_tokenizer_vocab, docs, staging)
+    tok_sha = given_tok_sha if tokenizer else tokenizer_sha256(staging / 'tokenizer')
 
     manifest = {'fingerprint': fingerprint, 'settings': asdict(settings), 'tokenizer': tok_desc,
-                'vocab_size': len(tok), 'eos_token_id': tok.eos_token_id, 'domains': {}}
+                'tokenizer_sha256': tok_sha, 'vocab_size': len(tok), 'eos_token_id': tok.eos_token_id,
+                'corpus': str(corpus.resolve()), 'sources': sources, 'domains': {}}
     for i, (domain, domain_docs) in enumerate(docs.items()):
         samples = tokens_to_samples(domain_docs, tok, settings.max_seq_len, settings.seed + i)
         n_train, n_eval = split_counts(len(samples), settings, domain)
-        (out / domain).mkdir(exist_ok=True)
-        write_mds_split(samples[:n_train], out / domain / 'train')
-        write_mds_split(samples[len(samples) - n_eval:], out / domain / 'eval')
+        (staging / domain).mkdir(exist_ok=True)
+        write_mds_split(samples[:n_train], staging / domain / 'train')
+        write_mds_split(samples[len(samples) - n_eval:], staging / domain / 'eval')
         manifest['domains'][domain] = {'documents': len(domain_docs), 'train_samples': n_train,
                                        'eval_samples': n_eval, 'tokens': int(samples.size)}
         log.info('%s: %d documents -> %d train / %d eval samples', domain, len(domain_docs), n_train, n_eval)
 
-    tmp_manifest = out / f'.tmp-{MANIFEST}'
-    tmp_manifest.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp_manifest, manifest_path)
-    (out / BUILDING).unlink()
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (staging / BUILDING).unlink()
+    # swap: OUT -> .OUT.old, staging -> OUT (a kill in between is finished by the next run), drop the old
+    old_dir = _old_dir(out)
+    shutil.rmtree(old_dir, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old_dir)
+    os.replace(staging, out)
+    shutil.rmtree(old_dir, ignore_errors=True)
     return manifest
 
 
@@ -402,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--min-eval-samples', type=int, default=PrepSettings.min_eval_samples)
     parser.add_argument('--max-eval-samples', type=int, default=PrepSettings.max_eval_samples)
     parser.add_argument('--max-train-samples', type=int, default=None, help='cap per domain (demo runs)')
-    parser.add_argument('--overwrite', action='store_true', help='rebuild an output built with other settings')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='rebuild a data root built from other inputs (the whole root, all or nothing)')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     settings = PrepSettings(max_seq_len=args.max_seq_len, seed=args.seed, eval_fraction=args.eval_fraction,
