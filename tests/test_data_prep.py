@@ -230,3 +230,93 @@ def test_metadata_beside_the_domains_is_ignored(small_corpus, tmp_path, tiny_tok
     (small_corpus / 'NOTES.md').write_text('where the data came from')
     manifest = build_domain_mds(small_corpus, tmp_path / 'o', tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
     assert sorted(manifest['domains']) == sorted(DOMAINS)
+
+
+def test_added_documents_are_not_served_stale(small_corpus, tmp_path, tiny_tokenizer_dir):
+    out = tmp_path / 'mds'
+    first = build_domain_mds(small_corpus, out, tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+    assert first['sources']['wiki'][0]['file'] == 'wiki.jsonl' and len(first['sources']['wiki'][0]['sha256']) == 64
+    with open(small_corpus / 'wiki.jsonl', 'a') as f:
+        f.write(json.dumps({'text': 'a new document ' * 40}) + '\n')
+    with pytest.raises(DataPrepError, match=r'built from other inputs \(wiki\.jsonl changed \(\d+ -> \d+ bytes\)\)'):
+        build_domain_mds(small_corpus, out, tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+    second = build_domain_mds(small_corpus, out, tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS, overwrite=True)
+    assert second['domains']['wiki']['documents'] == first['domains']['wiki']['documents'] + 1
+    assert second['fingerprint'] != first['fingerprint']
+
+
+def test_another_tokenizer_is_a_change(small_corpus, tmp_path, tiny_tokenizer_dir):
+    import shutil
+
+    out = tmp_path / 'mds'
+    build_domain_mds(small_corpus, out, tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+    other = tmp_path / 'tok2'
+    shutil.copytree(tiny_tokenizer_dir, other)
+    # same folder content elsewhere: only the path setting differs
+    with pytest.raises(DataPrepError, match=r'setting tokenizer'):
+        build_domain_mds(small_corpus, out, tokenizer=str(other), settings=SETTINGS)
+    spec = json.loads((other / 'tokenizer.json').read_text())
+    spec['added_tokens'].append({**spec['added_tokens'][-1], 'id': 999, 'content': '<|extra|>'})
+    (other / 'tokenizer.json').write_text(json.dumps(spec))
+    with pytest.raises(DataPrepError, match=r'the tokenizer files differ'):
+        build_domain_mds(small_corpus, out, tokenizer=str(other), settings=SETTINGS)
+
+
+def test_partial_overwrite_that_would_mix_or_drop_domains_is_refused(small_corpus, tmp_path, tiny_tokenizer_dir):
+    out = tmp_path / 'mds'
+    build_domain_mds(small_corpus, out, tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+    before = _digest(out)
+    with pytest.raises(DataPrepError, match=r"lacks its domains \['cc', 'github'\]"):
+        build_domain_mds(small_corpus, out, domains=['wiki'], train_tokenizer_vocab=400, settings=SETTINGS,
+                         overwrite=True)
+    assert _digest(out) == before
+
+
+def test_killed_overwrite_keeps_the_old_data_root_whole(small_corpus, tmp_path, tiny_tokenizer_dir, monkeypatch):
+    out = tmp_path / 'mds'
+    old_manifest = build_domain_mds(small_corpus, out, tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+    before = _digest(out)
+    real_write, calls = prep.write_mds_split, []
+
+    def dying_write(samples, out_dir):
+        calls.append(out_dir)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed in the second domain of the rebuild
+        real_write(samples, out_dir)
+
+    monkeypatch.setattr(prep, 'write_mds_split', dying_write)
+    new_settings = PrepSettings(**{**SETTINGS.__dict__, 'seed': 9})
+    with pytest.raises(KeyboardInterrupt):
+        build_domain_mds(small_corpus, out, train_tokenizer_vocab=400, settings=new_settings, overwrite=True)
+    assert _digest(out) == before  # untouched: the rebuild happened in the staging folder
+    assert json.loads((out / 'manifest.json').read_text()) == old_manifest
+    monkeypatch.setattr(prep, 'write_mds_split', real_write)
+    build_domain_mds(small_corpus, out, train_tokenizer_vocab=400, settings=new_settings, overwrite=True)
+    assert json.loads((out / 'manifest.json').read_text())['tokenizer'] == 'trained:400'
+    assert not prep.staging_dir(out).exists()
+
+
+def test_a_kill_between_the_two_renames_is_finished_by_the_next_run(small_corpus, tmp_path, tiny_tokenizer_dir):
+    out = tmp_path / 'mds'
+    build_domain_mds(small_corpus, out, tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+    digest = _digest(out)
+    out.rename(prep.staging_dir(out))  # as if killed after `OUT -> .old` and before `staging -> OUT`
+    build_domain_mds(small_corpus, out, tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)  # up to date
+    assert _digest(out) == digest and not prep.staging_dir(out).exists()
+
+
+@pytest.mark.parametrize('overwrite', [False, True])
+def test_a_folder_data_prep_did_not_write_is_never_deleted(small_corpus, tmp_path, tiny_tokenizer_dir, overwrite):
+    out = tmp_path / 'mds'
+    out.mkdir()
+    (out / 'notes.txt').write_text('mine')
+    with pytest.raises(DataPrepError, match=r'has no manifest\.json, so it is not a data_prep output'):
+        build_domain_mds(small_corpus, out, tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS, overwrite=overwrite)
+    assert (out / 'notes.txt').read_text() == 'mine'
+    data = tmp_path / 'data'
+    build_domain_mds(small_corpus, data, tokenizer=str(tiny_tokenizer_dir), settings=SETTINGS)
+    (data / 'runs').mkdir()
+    with pytest.raises(DataPrepError, match=r"holds \['runs'\], which data_prep did not write"):
+        build_domain_mds(small_corpus, data, tokenizer=str(tiny_tokenizer_dir),
+                         settings=PrepSettings(**{**SETTINGS.__dict__, 'seed': 4}), overwrite=True)
+    assert (data / 'runs').is_dir()
