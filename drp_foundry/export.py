@@ -11,6 +11,11 @@ weights, the tokenizer and ``pruning_report.json``; it loads with
 
 The output is written into a temporary folder beside ``OUT_DIR`` and renamed into place at
 the end, so a failed export leaves nothing half-written.
+
+Export never deletes what it did not write: ``OUT_DIR`` must not exist, be empty, or (with
+``--overwrite``) hold an earlier export (its ``pruning_report.json``) and nothing else of
+value. A folder that holds the checkpoint being exported, the ``--tokenizer`` folder, or any
+checkpoint (``*.pt``, sharded checkpoint folders) is refused, with or without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -40,13 +45,40 @@ class ExportError(ValueError):
     """Bad input to the export: the message names the path or key and the fix."""
 
 
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty ``out_dir`` unless ``overwrite``; refuse a file in its place."""
+CHECKPOINT_PATTERNS = ('*.pt', '*.pt.tar', '*.distcp', '.metadata')
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_output_dir(out_dir: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse an ``out_dir`` whose replacement would delete anything this export did not write.
+
+    ``inputs`` (the checkpoint, the tokenizer folder) must not lie inside ``out_dir``; a folder
+    with any checkpoint is refused; a non-empty one only with ``overwrite`` and only when it
+    is an earlier export (holds ``pruning_report.json``).
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f'output path {out_dir} exists and is not a directory; choose another OUT_DIR')
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f'output directory {out_dir} exists and is not empty; pass --overwrite to replace it '
-                          'or choose another OUT_DIR')
+    for path in inputs:
+        if path is not None and _inside(path, out_dir):
+            raise ExportError(f'OUT_DIR {out_dir} holds the input {path}; exporting there would delete it. Choose '
+                              'a new folder, e.g. beside the run folder (with or without --overwrite)')
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    for pattern in CHECKPOINT_PATTERNS:
+        found = next(iter(out_dir.rglob(pattern)), None)
+        if found is not None:
+            raise ExportError(f'OUT_DIR {out_dir} holds a checkpoint ({found}); export never replaces a folder with '
+                              'checkpoints (a run folder?), with or without --overwrite. Choose a new folder')
+    if not overwrite:
+        raise ExportError(f'output directory {out_dir} exists and is not empty; pass --overwrite to replace an '
+                          'earlier export, or choose another OUT_DIR')
+    if not (out_dir / REPORT_FILENAME).is_file():
+        raise ExportError(f'OUT_DIR {out_dir} is not an earlier export (no {REPORT_FILENAME}); --overwrite only '
+                          'replaces an earlier export. Choose a new folder, or empty this one yourself')
 
 
 def load_composer_checkpoint(path: Path) -> dict[str, Any]:
@@ -162,7 +194,8 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
     checkpoint_path, out_dir = Path(checkpoint_path), Path(out_dir)
     if dtype not in DTYPES:
         raise ExportError(f'--dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}')
-    check_output_dir(out_dir, overwrite)
+    inputs = (checkpoint_path,) + (() if tokenizer_dir is None else (Path(tokenizer_dir),))
+    check_output_dir(out_dir, overwrite, inputs)
     checkpoint = load_composer_checkpoint(checkpoint_path)
     hf_model = build_masked_model(checkpoint, checkpoint_path)
     mask_module = get_mask_module(hf_model)
@@ -185,7 +218,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
         record = {'checkpoint': str(checkpoint_path), 'dtype': dtype, 'target': mask_module.target.to_dict(),
                   'granularities': list(mask_module.granularities), **report.to_dict()}
         (staging / REPORT_FILENAME).write_text(json.dumps(record, indent=2))
-        check_output_dir(out_dir, overwrite)  # nothing appeared meanwhile
+        check_output_dir(out_dir, overwrite, inputs)  # nothing appeared meanwhile
         _replace_directory(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -197,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                                      'dense, smaller Hugging Face model: masks folded in, pruned structures sliced.')
     parser.add_argument('checkpoint', help='Composer checkpoint: a monolithic .pt file or a sharded checkpoint folder')
     parser.add_argument('out_dir', help='folder for the exported HF model (must not exist or be empty)')
-    parser.add_argument('--overwrite', action='store_true', help='replace a non-empty OUT_DIR')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an earlier export in OUT_DIR (never a folder with checkpoints or the input)')
     parser.add_argument('--tokenizer', default=None, help='HF tokenizer folder (default: the one in the checkpoint)')
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32', help='dtype of the saved weights')
     args = parser.parse_args(argv)

@@ -331,12 +331,49 @@ def test_non_empty_output_needs_overwrite(composer_run, tmp_path, tiny_tokenizer
     (out_dir / 'old.txt').write_text('previous export')
     assert main([str(composer_run['checkpoint']), str(out_dir)]) == 2
     assert 'exists and is not empty; pass --overwrite' in capsys.readouterr().err
+    # --overwrite replaces only an earlier export (pruning_report.json), never a folder of something else
+    assert main([str(composer_run['checkpoint']), str(out_dir), '--overwrite']) == 2
+    assert 'is not an earlier export (no pruning_report.json)' in capsys.readouterr().err
     assert (out_dir / 'old.txt').read_text() == 'previous export'
+    (out_dir / 'pruning_report.json').write_text('{}')
 
     assert main([str(composer_run['checkpoint']), str(out_dir), '--overwrite', '--tokenizer',
                  str(tiny_tokenizer_dir)]) == 0
     assert not (out_dir / 'old.txt').exists() and (out_dir / 'config.json').is_file()
     assert leftovers(tmp_path) == []
+    assert main([str(composer_run['checkpoint']), str(out_dir), '--overwrite']) == 0  # re-export over its own output
+
+
+@pytest.mark.parametrize('overwrite', [False, True])
+def test_export_into_the_run_folder_is_refused_and_deletes_nothing(composer_run, tmp_path, overwrite, capsys):
+    import shutil
+
+    from drp_foundry.export import main
+
+    run = tmp_path / 'run'
+    shutil.copytree(composer_run['root'] / 'checkpoints', run / 'checkpoints')
+    (run / 'metrics.jsonl').write_text('{"step": 1}\n')
+    (run / 'pruning_report.json').write_text('{}')  # even a folder that looks like an export
+    before = sorted(p.relative_to(run).as_posix() for p in run.rglob('*'))
+    flag = ['--overwrite'] if overwrite else []
+    assert main([str(run / 'checkpoints' / 'ep0-ba2-rank0.pt'), str(run)] + flag) == 2
+    assert 'holds the input' in capsys.readouterr().err
+    other = tmp_path / 'elsewhere.pt'
+    shutil.copy(run / 'checkpoints' / 'ep0-ba2-rank0.pt', other)
+    assert main([str(other), str(run)] + flag) == 2
+    assert 'holds a checkpoint' in capsys.readouterr().err and 'ep0-ba2-rank0.pt' in ''.join(before)
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob('*')) == before
+
+
+def test_output_holding_the_tokenizer_is_refused(composer_run, tmp_path, tiny_tokenizer_dir, capsys):
+    import shutil
+
+    from drp_foundry.export import main
+
+    out_dir = tmp_path / 'pruned'
+    shutil.copytree(tiny_tokenizer_dir, out_dir / 'tok')
+    assert main([str(composer_run['checkpoint']), str(out_dir), '--overwrite', '--tokenizer', str(out_dir / 'tok')]) == 2
+    assert 'holds the input' in capsys.readouterr().err and (out_dir / 'tok').is_dir()
 
 
 def test_missing_checkpoint_and_non_checkpoint_folder_are_refused(tmp_path):
