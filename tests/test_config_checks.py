@@ -14,14 +14,33 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / 'yamls' / 'demo' / 'tiny_llama.yaml'
 
 
-@pytest.fixture
-def data_root(tmp_path):
-    """Fake MDS folders (index.json only) for every demo domain, enough for path checks."""
-    for domain in ['arxiv', 'book', 'c4-rp', 'cc', 'github', 'stackexchange', 'wiki']:
+DOMAINS = ['arxiv', 'book', 'c4-rp', 'cc', 'github', 'stackexchange', 'wiki']
+
+
+def write_fake_data_root(root: Path, tokenizer_dir: Path, max_seq_len: int = 128, domains=DOMAINS,
+                         copy_tokenizer: bool = True) -> Path:
+    """Fake MDS folders (index.json only), the tokenizer and a data_prep manifest: enough for the checks."""
+    import json
+    import shutil
+
+    from data_prep.build_domain_mds import tokenizer_sha256
+
+    for domain in domains:
         for split in ['train', 'eval']:
-            (tmp_path / domain / split).mkdir(parents=True)
-            (tmp_path / domain / split / 'index.json').write_text('{}')
-    return tmp_path
+            (root / domain / split).mkdir(parents=True)
+            (root / domain / split / 'index.json').write_text('{}')
+    if copy_tokenizer:
+        shutil.copytree(tokenizer_dir, root / 'tokenizer')
+    manifest = {'fingerprint': 'x', 'settings': {'max_seq_len': max_seq_len}, 'tokenizer': 'trained:512',
+                'tokenizer_sha256': tokenizer_sha256(tokenizer_dir), 'vocab_size': 512,
+                'domains': {d: {'train_samples': 1, 'eval_samples': 1} for d in domains}}
+    (root / 'manifest.json').write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture
+def data_root(tmp_path, tiny_tokenizer_dir):
+    return write_fake_data_root(tmp_path / 'data', tiny_tokenizer_dir)
 
 
 def _cfg(data_root, *overrides):
@@ -66,11 +85,21 @@ def test_train_script_exits_with_the_message(data_root):
 PRUNE = REPO / 'yamls' / 'demo' / 'smollm2_prune.yaml'
 
 
+SMOLLM2 = REPO / 'models' / 'smollm2-135m'
+
+
+@pytest.fixture
+def prune_data_root(tmp_path):
+    """Fake data root tokenised (as its manifest says) with SmolLM2's tokenizer, as the prune demo expects."""
+    return write_fake_data_root(tmp_path / 'prune-data', SMOLLM2, copy_tokenizer=False)
+
+
 def _prune_cfg(data_root, *overrides):
     return load_train_config(PRUNE, [f'variables.data_root={data_root}', *overrides])
 
 
-def test_multidomain_loader_checks_keys_proportions_and_folders(data_root):
+def test_multidomain_loader_checks_keys_proportions_and_folders(prune_data_root):
+    data_root = prune_data_root
     check_train_config(_prune_cfg(data_root))
     with pytest.raises(ConfigError, match=r"train_loader\.dataset\.shuffle_sed: unknown key.*'shuffle_seed'"):
         check_train_config(_prune_cfg(data_root, 'train_loader.dataset.shuffle_sed=3'))
@@ -83,14 +112,16 @@ def test_multidomain_loader_checks_keys_proportions_and_folders(data_root):
         check_train_config(_prune_cfg(data_root))
 
 
-def test_callback_policy_key_typo_is_caught_before_training(data_root):
+def test_callback_policy_key_typo_is_caught_before_training(prune_data_root):
+    data_root = prune_data_root
     with pytest.raises(ConfigError, match=r"callbacks\.drp_dynamic_loading\.rhoo: unknown key.*'rho'"):
         check_train_config(_prune_cfg(data_root, 'callbacks.drp_dynamic_loading.rhoo=0.2'))
     with pytest.raises(ConfigError, match=r"algorithms\.drp_mask_learner\.mask_learning_rate: unknown key"):
         check_train_config(_prune_cfg(data_root, 'algorithms.drp_mask_learner.mask_learning_rate=1.0'))
 
 
-def test_pruning_with_reentrant_activation_checkpointing_is_refused(data_root):
+def test_pruning_with_reentrant_activation_checkpointing_is_refused(prune_data_root):
+    data_root = prune_data_root
     with pytest.raises(ConfigError, match=r'activation_checkpointing_reentrant: set it to false'):
         check_train_config(_prune_cfg(data_root, 'fsdp_config.activation_checkpointing=true'))
     check_train_config(_prune_cfg(data_root, 'fsdp_config.activation_checkpointing=true',

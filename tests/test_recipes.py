@@ -15,6 +15,7 @@ ratio against the temperature-smoothed data sizes. New recipes are picked up by 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 import torch
-from conftest import release_dead_streaming_shm
+from conftest import REPO_ROOT, release_dead_streaming_shm
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / 'yamls').rglob('*.yaml'))
@@ -125,6 +126,17 @@ def _write_tiny_mds(folder: Path, seed: int) -> None:
             writer.write({'tokens': rng.integers(3, TINY_VOCAB, size=SEQ_LEN, dtype=np.int32)})
 
 
+def _write_manifest(data_root: Path, raw: dict[str, Any], tokenizer_dir: Path) -> None:
+    """The data_prep manifest the pre-flight check reads (domains, seq length, tokenizer)."""
+    from data_prep.build_domain_mds import tokenizer_sha256
+
+    domains = sorted(p.name for p in data_root.iterdir() if p.is_dir())
+    manifest = {'fingerprint': 'recipe-test', 'settings': {'max_seq_len': SEQ_LEN}, 'tokenizer': str(tokenizer_dir),
+                'tokenizer_sha256': tokenizer_sha256(tokenizer_dir), 'vocab_size': TINY_VOCAB,
+                'domains': {d: {} for d in domains}}
+    (data_root / 'manifest.json').write_text(json.dumps(manifest))
+
+
 @dataclass
 class BuiltRecipe:
     path: Path
@@ -174,12 +186,17 @@ def built(request, tmp_path_factory, tiny_tokenizer_dir) -> Iterator[BuiltRecipe
                  'train_loader.pin_memory=false']
     cfg = load_train_config(recipe, overrides)
     raw = om.to_container(cfg, resolve=True)
+    model_path = (raw.get('model') or {}).get('pretrained_model_name_or_path')
+    if model_path and (REPO_ROOT / model_path).is_dir():  # relative to the checkout; the test runs in workdir
+        cfg = load_train_config(recipe, overrides + [f'model.pretrained_model_name_or_path={REPO_ROOT / model_path}'])
+        raw = om.to_container(cfg, resolve=True)
 
     loaders = [raw['train_loader'], *(raw.get('eval_loaders') or [])]
     for i, folder in enumerate(sorted({d for loader in loaders for d in _loader_mds_dirs(loader)})):
         assert data_root in folder.parents, (f'{_recipe_id(recipe)}: data folder {folder} is not under '
                                              'variables.data_root; derive every data path from it')
         _write_tiny_mds(folder, seed=i)
+    _write_manifest(data_root, raw, tiny_tokenizer_dir)
 
     with pytest.MonkeyPatch.context() as patch:
         # Hub names stand for user-filled paths; nothing is downloaded here, so the offline

@@ -63,10 +63,18 @@ def _lookup(registry, section: str, name: str):
                           f'{_did_you_mean(name, known)} Is drp-foundry installed (pip install -e .)?') from None
 
 
-def _check_named_components(cfg: DictConfig, section: str, registry) -> None:
+def _constructible(component: Any) -> bool:
+    """Components whose ``__init__`` only validates (no files, no network): ours and Composer's algorithms."""
+    module = getattr(component, '__module__', '') or ''
+    return module.startswith('drp_foundry.') or module.startswith('composer.algorithms')
+
+
+def _check_named_components(cfg: DictConfig, section: str, registry) -> dict[str, Any]:
+    """Check names and keys of a ``{name: kwargs}`` section; construct the safe ones. Returns the instances."""
     block = cfg.get(section)
+    built: dict[str, Any] = {}
     if block is None:
-        return
+        return built
     if not isinstance(block, DictConfig):
         raise ConfigError(f'{section}: expected a mapping of component name -> arguments')
     for name, kwargs in block.items():
@@ -75,6 +83,14 @@ def _check_named_components(cfg: DictConfig, section: str, registry) -> None:
         if not isinstance(kwargs, dict):
             raise ConfigError(f'{section}.{name}: expected a mapping of arguments, got {type(kwargs).__name__}')
         check_kwargs(f'{section}.{name}', component, kwargs)
+        if _constructible(component):
+            try:
+                built[str(name)] = component(**kwargs)
+            except (ValueError, TypeError, KeyError) as err:
+                message = str(err)
+                where = f'{section}.{name}'
+                raise ConfigError(message if message.startswith(str(name)) else f'{where}: {message}') from None
+    return built
 
 
 def _check_local_mds(where: str, local: str | None, remote: str | None, split: str | None) -> None:
@@ -139,6 +155,167 @@ def _check_pruning_with_fsdp(cfg: DictConfig) -> None:
                               'reentrant checkpointing (Composer\'s default) drops the mask gradients')
 
 
+_HUB_ID = __import__('re').compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
+
+
+def _check_local_folder(key: str, value: Any, what: str) -> None:
+    """A model/tokenizer path that is meant as a local folder must exist (and is named if not)."""
+    if not value:
+        return
+    path = str(value)
+    offline = os.environ.get('HF_HUB_OFFLINE') == '1'
+    looks_local = path.startswith(('/', '.', '~')) or not _HUB_ID.match(path) or Path(path.split('/')[0]).is_dir()
+    if (looks_local or offline) and not Path(path).expanduser().is_dir():
+        raise ConfigError(f'{key}: {what} folder {path} does not exist (nothing is downloaded for a local path'
+                          f'{"; the hub is offline" if offline else ""}); fix the path or build the folder first')
+
+
+def _model_config(cfg: DictConfig):
+    """The HF config of ``model.pretrained_model_name_or_path`` when it is a local folder, else None."""
+    model = cfg.get('model') or {}
+    path = model.get('pretrained_model_name_or_path')
+    if model.get('name') != 'hf_causal_lm' or not path or not (Path(str(path)) / 'config.json').is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (ValueError, OSError) as err:
+        raise ConfigError(f'model.pretrained_model_name_or_path: cannot read {path}/config.json ({err})') from None
+
+
+def _batches(value: Any, key: str) -> tuple[int | None, str | None]:
+    """(batches, unit) of a Composer time value (int = batches); unit None when unparsable."""
+    if value is None:
+        return None, None
+    if isinstance(value, int):
+        return value, 'ba'
+    from composer.core import Time, TimeUnit
+
+    try:
+        time = Time.from_timestring(str(value))
+    except (ValueError, TypeError):
+        raise ConfigError(f'{key}: {value!r} is not a duration; write e.g. 3200ba or 1000000tok') from None
+    return (int(time.value), 'ba') if time.unit == TimeUnit.BATCH else (None, time.unit.value)
+
+
+def _check_combinations(cfg: DictConfig, algorithms: dict[str, Any]) -> None:
+    """Pruning combinations that would run but not do what the user wants."""
+    configured = set((cfg.get('algorithms') or {}).keys())
+    if 'drp_mask_learner' in configured and 'drp_lagrangian' not in configured:
+        raise ConfigError('algorithms.drp_mask_learner without algorithms.drp_lagrangian: nothing would pull the '
+                          'expected size toward the target (it never moves); add `drp_lagrangian: {}`')
+    if 'drp_lagrangian' in configured and 'drp_mask_learner' not in configured:
+        raise ConfigError('algorithms.drp_lagrangian needs algorithms.drp_mask_learner (which attaches the masks); '
+                          'add it with a target, or remove drp_lagrangian')
+    run_batches, run_unit = _batches(cfg.get('max_duration'), 'max_duration')
+    loader = cfg.get('train_loader') or {}
+    if run_unit == 'ep' and loader.get('name') == 'drp_multidomain':
+        raise ConfigError(f'max_duration: {cfg.get("max_duration")} is in epochs, but the drp_multidomain stream is '
+                          'endless (a domain that runs out starts a new pass); give it in batches, e.g. 3200ba')
+    lagrangian = (cfg.get('algorithms') or {}).get('drp_lagrangian') or {}
+    warmup, unit = _batches(lagrangian.get('warmup_steps'), 'algorithms.drp_lagrangian.warmup_steps')
+    if warmup is not None and run_batches is not None and warmup > run_batches:
+        raise ConfigError(f'algorithms.drp_lagrangian.warmup_steps: {warmup} batches is longer than the run '
+                          f'(max_duration {run_batches} batches), so the target would never be reached; lower it '
+                          '(Sheared LLaMA: 20% of the run) or leave it out (warmup_fraction)')
+    config = _model_config(cfg)
+    learner = algorithms.get('drp_mask_learner')
+    if config is not None and learner is not None and hasattr(learner, 'target'):
+        from drp_foundry.pruning.architecture import DecoderArchitecture, validate_target
+
+        try:
+            source = DecoderArchitecture.from_hf_config(config)
+            validate_target(source, learner.target.resolve(source, key_prefix='drp_mask_learner.target'))
+        except ValueError as err:
+            raise ConfigError(f'algorithms.drp_mask_learner.target: {err}') from None
+
+
+def _read_manifest(data_root: Path, where: str, require: bool) -> dict | None:
+    import json
+
+    path = data_root / 'manifest.json'
+    if not path.is_file():
+        partial = [p.name for p in (data_root / '.building', data_root.parent / f'.{data_root.name}.staging')
+                   if p.exists()]
+        if partial or require:
+            raise ConfigError(f'{where}: {data_root} has no manifest.json, so it is not a complete data_prep build'
+                              f'{" (an unfinished build left " + str(partial) + ")" if partial else ""}; rebuild it '
+                              'with `python -m data_prep.build_domain_mds`, or set require_manifest: false in the '
+                              'dataset section for shards written by another tool')
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f'{where}: {path} is not valid JSON ({err}); rebuild the data root') from None
+    if not isinstance(manifest.get('domains'), dict) or not isinstance(manifest.get('settings'), dict):
+        raise ConfigError(f'{where}: {path} lacks "domains"/"settings"; it is not a complete data_prep manifest')
+    return manifest
+
+
+def _check_manifest(cfg: DictConfig, manifest: dict, data_root: Path, where: str, domains: list[str],
+                    seq_lens: dict[str, Any]) -> None:
+    """Domains, sequence length, tokenizer, vocabulary and source freshness of one data_prep build."""
+    missing = [d for d in domains if d not in manifest['domains']]
+    if missing:
+        raise ConfigError(f'{where}: domains {missing} are not in {data_root}/manifest.json (it holds '
+                          f'{sorted(manifest["domains"])}); build them with data_prep or fix the domain list')
+    built_len = manifest['settings'].get('max_seq_len')
+    for key, value in seq_lens.items():
+        if value is not None and built_len is not None and int(value) != int(built_len):
+            raise ConfigError(f'{key}: {value}, but {data_root} was built with max_seq_len {built_len} (manifest.json); '
+                              f'set {key} to {built_len} or rebuild the data with --max-seq-len {value}')
+    tokenizer = (cfg.get('tokenizer') or {}).get('name')
+    if tokenizer and manifest.get('tokenizer_sha256') and Path(str(tokenizer)).is_dir():
+        from data_prep.build_domain_mds import tokenizer_sha256
+
+        if tokenizer_sha256(tokenizer) not in (None, manifest['tokenizer_sha256']):
+            raise ConfigError(f'tokenizer.name: {tokenizer} is not the tokenizer {data_root} was tokenised with '
+                              f'({manifest.get("tokenizer")}); use that tokenizer or rebuild the data with this one')
+    config = _model_config(cfg)
+    vocab = manifest.get('vocab_size')
+    if config is not None and vocab is not None and getattr(config, 'vocab_size', None) is not None \
+            and int(vocab) > int(config.vocab_size):
+        raise ConfigError(f'model.pretrained_model_name_or_path: vocab_size {config.vocab_size} is smaller than the '
+                          f'{vocab} tokens of {data_root} (manifest.json); the data was tokenised for another model')
+    corpus = manifest.get('corpus')
+    for domain in domains:
+        for source in (manifest.get('sources') or {}).get(domain, []):
+            path = Path(corpus or '') / source['file']
+            if corpus and path.is_file() and path.stat().st_size != source['bytes']:
+                raise ConfigError(f'{where}: {path} changed since {data_root} was built ({source["bytes"]} -> '
+                                  f'{path.stat().st_size} bytes): the data is stale. Rebuild it with data_prep '
+                                  '(--overwrite)')
+
+
+def _check_data_manifests(cfg: DictConfig) -> None:
+    raw = om.to_container(cfg, resolve=True)
+    loader = raw.get('train_loader') or {}
+    dataset = loader.get('dataset') or {}
+    top_len = raw.get('max_seq_len')
+    if loader.get('name') == 'drp_multidomain' and dataset.get('data_root') and not dataset.get('remote_root'):
+        data_root = Path(str(dataset['data_root']))
+        where = 'train_loader.dataset.data_root'
+        manifest = _read_manifest(data_root, where, require=dataset.get('require_manifest', True) is not False)
+        if manifest is not None:
+            overridden = set(dataset.get('streams') or {})
+            domains = [d for d in dataset.get('domains') or [] if d not in overridden]
+            _check_manifest(cfg, manifest, data_root, where, domains,
+                            {'max_seq_len': top_len, 'train_loader.dataset.max_seq_len': dataset.get('max_seq_len')})
+    eval_loaders = raw.get('eval_loaders') or ([raw['eval_loader']] if raw.get('eval_loader') else [])
+    for i, ev in enumerate(eval_loaders):
+        ds = (ev or {}).get('dataset') or {}
+        local = ds.get('local')
+        if not local or ds.get('remote'):
+            continue
+        root = Path(str(local)).parent
+        where = f'eval_loaders[{i}].dataset.local'
+        manifest = _read_manifest(root, where, require=False)
+        if manifest is not None and Path(str(local)).name in manifest['domains']:
+            _check_manifest(cfg, manifest, root, where, [Path(str(local)).name],
+                            {f'eval_loaders[{i}].dataset.max_seq_len': ds.get('max_seq_len')})
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Check a resolved training config; raise ``ConfigError`` on the first mistake."""
     from llmfoundry import registry
@@ -149,8 +326,15 @@ def check_train_config(cfg: DictConfig) -> None:
         if key not in top_level:
             raise ConfigError(f'{key}: unknown top-level key.{_did_you_mean(key, top_level)} '
                               'Put free variables under `variables:`')
+    model = cfg.get('model')
+    if model is not None and model.get('name') == 'hf_causal_lm':
+        _check_local_folder('model.pretrained_model_name_or_path', model.get('pretrained_model_name_or_path'),
+                            'model')
+    _check_local_folder('tokenizer.name', (cfg.get('tokenizer') or {}).get('name'), 'tokenizer')
     _check_named_components(cfg, 'callbacks', registry.callbacks)
-    _check_named_components(cfg, 'algorithms', registry.algorithms)
+    algorithms = _check_named_components(cfg, 'algorithms', registry.algorithms)
+    _check_named_components(cfg, 'loggers', registry.loggers)
+    _check_combinations(cfg, algorithms)
     if 'train_loader' in cfg:
         _check_loader('train_loader', cfg.train_loader)
     eval_loaders = cfg.get('eval_loaders')
@@ -168,12 +352,7 @@ def check_train_config(cfg: DictConfig) -> None:
     elif cfg.get('eval_loader') is not None:
         _check_loader('eval_loader', cfg.eval_loader)
     _check_pruning_with_fsdp(cfg)
-    model = cfg.get('model')
-    if model is not None and model.get('name') == 'hf_causal_lm':
-        path = model.get('pretrained_model_name_or_path')
-        if path and os.environ.get('HF_HUB_OFFLINE') == '1' and not Path(path).is_dir():
-            raise ConfigError(f'model.pretrained_model_name_or_path: {path} is not a local folder and the hub is '
-                              'offline (HF_HUB_OFFLINE=1); point it at a saved Hugging Face model directory')
+    _check_data_manifests(cfg)
 
 
 def load_train_config(yaml_path: str | os.PathLike, overrides: list[str] | None = None) -> DictConfig:

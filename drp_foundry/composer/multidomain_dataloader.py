@@ -61,7 +61,9 @@ _STREAMING_KEYS = ('download_retry', 'download_timeout', 'validate_hash', 'keep_
 DATASET_KEYS = ('domains', 'proportions', 'max_seq_len', 'data_root', 'split', 'remote_root', 'streams',
                 'shuffle_seed', 'update_lag_batches', 'token_encoding_type', 'eos_token_id',
                 'bos_token_id', 'max_mixture_segments', 'shuffle_algo', 'shuffle_block_shards',
-                'prefetch') + _STREAMING_KEYS
+                'prefetch',
+                'require_manifest',  # read by the pre-flight check only (config_checks): false accepts non-data_prep shards
+                ) + _STREAMING_KEYS
 _STREAM_KEYS = ('local', 'remote', 'split')
 
 
