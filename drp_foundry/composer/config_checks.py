@@ -219,6 +219,15 @@ def _check_combinations(cfg: DictConfig, algorithms: dict[str, Any]) -> None:
         raise ConfigError(f'algorithms.drp_lagrangian.warmup_steps: {warmup} batches is longer than the run '
                           f'(max_duration {run_batches} batches), so the target would never be reached; lower it '
                           '(Sheared LLaMA: 20% of the run) or leave it out (warmup_fraction)')
+    if lagrangian is not None and 'drp_lagrangian' in configured and warmup is None and run_unit in ('tok', 'sp'):
+        raise ConfigError(f'algorithms.drp_lagrangian: max_duration {cfg.get("max_duration")} is not in batches, so the '
+                          "warm-up cannot be placed from warmup_fraction; set warmup_steps (e.g. '640ba') or give "
+                          'max_duration in batches')
+    callbacks = cfg.get('callbacks') or {}
+    if 'drp_dynamic_loading' in callbacks and run_unit in ('tok', 'sp'):
+        raise ConfigError(f'max_duration: drp_dynamic_loading times its updates in batches; give max_duration in '
+                          f'batches (e.g. 3200ba) instead of {cfg.get("max_duration")}')
+    _check_scheduler_against_data(cfg)
     config = _model_config(cfg)
     learner = algorithms.get('drp_mask_learner')
     if config is not None and learner is not None and hasattr(learner, 'target'):
@@ -229,6 +238,34 @@ def _check_combinations(cfg: DictConfig, algorithms: dict[str, Any]) -> None:
             validate_target(source, learner.target.resolve(source, key_prefix='drp_mask_learner.target'))
         except ValueError as err:
             raise ConfigError(f'algorithms.drp_mask_learner.target: {err}') from None
+
+
+def _check_scheduler_against_data(cfg: DictConfig) -> None:
+    """Construct the data scheduler callback once more, told the train loader's domains and proportions,
+    so per-domain settings (reference losses, ratios) are checked against the data now."""
+    from llmfoundry import registry
+
+    kwargs = (cfg.get('callbacks') or {}).get('drp_dynamic_loading')
+    dataset = ((cfg.get('train_loader') or {}).get('dataset') or {})
+    if 'drp_dynamic_loading' not in (cfg.get('callbacks') or {}) or not dataset.get('domains'):
+        return
+    component = _lookup(registry.callbacks, 'callbacks', 'drp_dynamic_loading')
+    names, _ = accepted_keys(component)
+    kwargs = {} if kwargs is None else om.to_container(kwargs, resolve=True)
+    domains = [str(d) for d in dataset['domains']]
+    proportions = om.to_container(dataset['proportions'], resolve=True) if dataset.get('proportions') else None
+    if isinstance(proportions, dict):
+        proportions = [proportions.get(d) for d in domains]
+    if 'domain_names' in names and 'domain_names' not in kwargs:
+        kwargs['domain_names'] = domains
+    if 'reference_ratio' in names and 'reference_ratio' not in kwargs and proportions is not None:
+        kwargs['reference_ratio'] = proportions
+    try:
+        component(**kwargs)
+    except (ValueError, TypeError, KeyError) as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith('drp_dynamic_loading') else
+                          f'callbacks.drp_dynamic_loading: {message}') from None
 
 
 def _read_manifest(data_root: Path, where: str, require: bool) -> dict | None:
@@ -334,7 +371,6 @@ def check_train_config(cfg: DictConfig) -> None:
     _check_named_components(cfg, 'callbacks', registry.callbacks)
     algorithms = _check_named_components(cfg, 'algorithms', registry.algorithms)
     _check_named_components(cfg, 'loggers', registry.loggers)
-    _check_combinations(cfg, algorithms)
     if 'train_loader' in cfg:
         _check_loader('train_loader', cfg.train_loader)
     eval_loaders = cfg.get('eval_loaders')
@@ -351,6 +387,7 @@ def check_train_config(cfg: DictConfig) -> None:
             raise ConfigError(f'eval_loaders: labels {duplicates} appear more than once; labels must be unique')
     elif cfg.get('eval_loader') is not None:
         _check_loader('eval_loader', cfg.eval_loader)
+    _check_combinations(cfg, algorithms)
     _check_pruning_with_fsdp(cfg)
     _check_data_manifests(cfg)
 

@@ -112,6 +112,11 @@ def _build(args) -> dict:
 
 
 def _score(args) -> dict:
+    if not (Path(args.model_dir) / 'config.json').is_file():
+        raise SystemExit(f'score: MODEL_DIR {args.model_dir} is not a Hugging Face model folder (no config.json); '
+                         'pass the output of `python -m drp_foundry.export` or a save_pretrained folder')
+    if not Path(args.items).is_file():
+        raise SystemExit(f'score: items file {args.items} does not exist; write it with the `build` command')
     items = read_items(args.items)
     model, tokenizer = load_causal_lm(args.model_dir, device=args.device)
     report = score_items(model, tokenizer, items, batch_size=args.batch_size, normalization=args.normalization,
@@ -135,7 +140,11 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    print(json.dumps(run(argv), indent=2))
+    try:
+        result = run(argv)
+    except (FileNotFoundError, ValueError) as err:  # bad input: the message names the file or option
+        raise SystemExit(f'drp-eval: error: {err}') from None
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == '__main__':

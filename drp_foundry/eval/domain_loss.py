@@ -59,6 +59,40 @@ def evaluate_domains(model_dir: str | Path, data_root: str | Path, domains: Sequ
     return losses
 
 
+class DomainLossError(ValueError):
+    """Bad input to the per-domain eval; the message names the folder, domain or option."""
+
+
+def check_inputs(model_dir: str | Path, data_root: str | Path, domains: Sequence[str] | None, split: str,
+                 max_seq_len: int) -> list[str]:
+    """Refuse a missing model folder, data root or domain, and a sequence length the data was not built with.
+
+    Runs before any model is loaded; returns the domains to evaluate.
+    """
+    model_dir, data_root = Path(model_dir), Path(data_root)
+    if not (model_dir / 'config.json').is_file():
+        what = 'does not exist' if not model_dir.exists() else 'has no config.json'
+        raise DomainLossError(f'MODEL_DIR {model_dir} {what}; pass a Hugging Face model folder (the output of '
+                              '`python -m drp_foundry.export`, or a save_pretrained folder). Nothing is downloaded')
+    if not data_root.is_dir():
+        raise DomainLossError(f'DATA_ROOT {data_root} does not exist; pass the --out folder of data_prep')
+    try:
+        available = domains_in(data_root, split)
+    except FileNotFoundError as err:
+        raise DomainLossError(str(err)) from None
+    chosen = list(domains) if domains else available
+    missing = [d for d in chosen if d not in available]
+    if missing:
+        raise DomainLossError(f'--domains {missing}: no {split} split under {data_root} (present: {available})')
+    manifest_path = data_root / 'manifest.json'
+    if manifest_path.is_file():
+        built = (json.loads(manifest_path.read_text()).get('settings') or {}).get('max_seq_len')
+        if built is not None and int(built) != int(max_seq_len):
+            raise DomainLossError(f'--max-seq-len {max_seq_len}, but {data_root} was built with max_seq_len {built} '
+                                  f'(manifest.json); pass --max-seq-len {built}')
+    return chosen
+
+
 def _cuda() -> bool:
     import torch
 
@@ -76,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--max-batches', type=int, default=None, help='cap per domain')
     parser.add_argument('--json', help='also write the losses to this file')
     args = parser.parse_args(argv)
+    try:
+        check_inputs(args.model_dir, args.data_root, args.domains, args.split, args.max_seq_len)
+    except DomainLossError as err:
+        print(f'domain_loss: error: {err}', file=sys.stderr)
+        return 2
     losses = evaluate_domains(args.model_dir, args.data_root, args.domains, max_seq_len=args.max_seq_len,
                               split=args.split, batch_size=args.batch_size, max_batches=args.max_batches)
     for domain, loss in losses.items():

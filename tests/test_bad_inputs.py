@@ -1,0 +1,525 @@
+"""Table of bad inputs across the pipeline (issue 15): each stops with a message naming the file, key or
+domain, before any model is built, and without touching what was already written.
+
+Areas: data_prep, train.py configs (the pre-flight check that train.py runs first), export, and the
+eval tools. One row = one mistake a user makes; ``run`` makes it and returns the error message.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from omegaconf import OmegaConf as om
+from resume_harness import REPO, build_data, write_config
+
+from data_prep.build_domain_mds import DataPrepError, PrepSettings, build_domain_mds
+from drp_foundry.composer.config_checks import ConfigError, check_train_config
+
+SETTINGS = PrepSettings(max_seq_len=32, max_train_samples=80, max_eval_samples=4)
+
+
+@dataclass
+class Ctx:
+    """A good setup every row starts from (copied where the row changes it)."""
+    work: Path
+    corpus: Path
+    data: Path
+    config: dict
+
+    def case_dir(self, name: str) -> Path:
+        folder = self.work / 'cases' / name
+        folder.mkdir(parents=True)
+        return folder
+
+    def corpus_copy(self, name: str) -> Path:
+        folder = self.case_dir(name) / 'corpus'
+        shutil.copytree(self.corpus, folder)
+        return folder
+
+    def data_copy(self, name: str) -> Path:
+        folder = self.case_dir(name) / 'data'
+        shutil.copytree(self.data, folder)
+        return folder
+
+
+@pytest.fixture(scope='module')
+def ctx(tmp_path_factory, shared_sample_dir) -> Ctx:
+    work = tmp_path_factory.mktemp('bad_inputs')
+    data = build_data(shared_sample_dir, work)  # work/corpus -> work/data (3 domains, trained tokenizer)
+    config = json.loads(write_config(work / 'good.yaml', data, work / 'run').read_text())
+    check_train_config(om.create(config))  # the starting point is good
+    return Ctx(work, work / 'corpus', data, config)
+
+
+# --- data_prep -----------------------------------------------------------------------------------
+
+def _prep(corpus: Path, out: Path, **kwargs) -> str:
+    kwargs.setdefault('train_tokenizer_vocab', None if kwargs.get('tokenizer') else 400)
+    kwargs.setdefault('settings', SETTINGS)
+    with pytest.raises(DataPrepError) as err:
+        build_domain_mds(corpus, out, **kwargs)
+    assert not (out / 'manifest.json').exists(), 'a manifest appeared'
+    return str(err.value)
+
+
+def prep_case(mutate: Callable[[Path], None], **kwargs) -> Callable[[Ctx, str], str]:
+    def run(c: Ctx, name: str) -> str:
+        corpus = c.corpus_copy(name)
+        mutate(corpus)
+        return _prep(corpus, corpus.parent / 'out', **kwargs)
+    return run
+
+
+def _write(rel: str, data: bytes) -> Callable[[Path], None]:
+    def mutate(corpus: Path) -> None:
+        (corpus / rel).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / rel).write_bytes(data)
+    return mutate
+
+
+def _rename(src: str, dst: str) -> Callable[[Path], None]:
+    def mutate(corpus: Path) -> None:
+        (corpus / dst).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / src).rename(corpus / dst)
+    return mutate
+
+
+def _both(*mutations) -> Callable[[Path], None]:
+    def mutate(corpus: Path) -> None:
+        for m in mutations:
+            m(corpus)
+    return mutate
+
+
+def _gzip_of(src: str, dst: str, cut: int | None = None) -> Callable[[Path], None]:
+    def mutate(corpus: Path) -> None:
+        data = gzip.compress((corpus / src).read_bytes())
+        (corpus / dst).write_bytes(data[:cut] if cut else data)
+    return mutate
+
+
+def _zstd_truncated(src: str) -> Callable[[Path], None]:
+    def mutate(corpus: Path) -> None:
+        import zstandard
+
+        data = zstandard.ZstdCompressor().compress((corpus / src).read_bytes())
+        (corpus / src).unlink()
+        (corpus / f'{src}.zst').write_bytes(data[:50])
+    return mutate
+
+
+def prep_rebuild_case(change: Callable[[Path], None], first: dict | None = None, **kwargs):
+    """Build once, change something, build again: refused and the first build is untouched."""
+    def run(c: Ctx, name: str) -> str:
+        corpus = c.corpus_copy(name)
+        out = corpus.parent / 'out'
+        build_domain_mds(corpus, out, train_tokenizer_vocab=400, settings=SETTINGS, **(first or {}))
+        before = (out / 'manifest.json').read_text()
+        change(corpus)
+        kwargs.setdefault('train_tokenizer_vocab', 400)
+        kwargs.setdefault('settings', SETTINGS)
+        with pytest.raises(DataPrepError) as err:
+            build_domain_mds(corpus, out, **kwargs)
+        assert (out / 'manifest.json').read_text() == before
+        return str(err.value)
+    return run
+
+
+def _append_doc(corpus: Path) -> None:
+    with open(corpus / 'wiki.jsonl', 'a') as f:
+        f.write(json.dumps({'text': 'one more document ' * 30}) + '\n')
+
+
+def _not_ours(c: Ctx, name: str) -> str:
+    out = c.case_dir(name) / 'mine'
+    out.mkdir()
+    (out / 'thesis.tex').write_text('keep me')
+    message = _prep(c.corpus, out, overwrite=True)
+    assert (out / 'thesis.tex').read_text() == 'keep me'
+    return message
+
+
+def _foreign_in_data_root(c: Ctx, name: str) -> str:
+    corpus = c.corpus_copy(name)
+    out = corpus.parent / 'out'
+    build_domain_mds(corpus, out, train_tokenizer_vocab=400, settings=SETTINGS)
+    (out / 'runs').mkdir()
+    with pytest.raises(DataPrepError) as err:
+        build_domain_mds(corpus, out, train_tokenizer_vocab=400, overwrite=True,
+                         settings=PrepSettings(**{**SETTINGS.__dict__, 'seed': 99}))
+    assert (out / 'runs').is_dir()
+    return str(err.value)
+
+
+def _prep_cli(args: list[str]) -> Callable[[Ctx, str], str]:
+    def run(c: Ctx, name: str) -> str:
+        out = c.case_dir(name) / 'out'
+        result = subprocess.run([sys.executable, '-m', 'data_prep.build_domain_mds', '--corpus', str(c.corpus),
+                                 '--out', str(out), *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+        return result.stderr
+    return run
+
+
+# --- train.py configs (the pre-flight check) ------------------------------------------------------
+
+def config_case(edit: Callable[[dict, Ctx, Path], None]) -> Callable[[Ctx, str], str]:
+    def run(c: Ctx, name: str) -> str:
+        cfg = copy.deepcopy(c.config)
+        edit(cfg, c, c.case_dir(name))
+        with pytest.raises(ConfigError) as err:
+            check_train_config(om.create(cfg))
+        return str(err.value)
+    return run
+
+
+def _set(path: str, value) -> Callable[[dict, Ctx, Path], None]:
+    def edit(cfg: dict, c: Ctx, folder: Path) -> None:
+        *parents, last = path.split('.')
+        node = cfg
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return edit
+
+
+_DELETE = object()
+
+
+def _with_data(change: Callable[[Path], None]) -> Callable[[dict, Ctx, Path], None]:
+    """Point the config at a copy of the data root changed by ``change``."""
+    def edit(cfg: dict, c: Ctx, folder: Path) -> None:
+        data = folder / 'data'
+        shutil.copytree(c.data, data)
+        change(data)
+        cfg['train_loader']['dataset']['data_root'] = str(data)
+        for loader in cfg['eval_loaders']:
+            loader['dataset']['local'] = str(data / Path(loader['dataset']['local']).name)
+        cfg['tokenizer']['name'] = str(data / 'tokenizer')
+    return edit
+
+
+def _edit_manifest(**fields) -> Callable[[Path], None]:
+    def change(data: Path) -> None:
+        manifest = json.loads((data / 'manifest.json').read_text())
+        for key, value in fields.items():
+            manifest[key] = value(manifest) if callable(value) else value
+        (data / 'manifest.json').write_text(json.dumps(manifest))
+    return change
+
+
+def _other_tokenizer(cfg: dict, c: Ctx, folder: Path) -> None:
+    from data_prep.tokenizer import train_bpe_tokenizer
+
+    train_bpe_tokenizer(['some other text for another tokenizer'] * 50, vocab_size=300, out_dir=folder / 'tok')
+    cfg['tokenizer']['name'] = str(folder / 'tok')
+
+
+def _small_vocab_model(cfg: dict, c: Ctx, folder: Path) -> None:
+    model = json.loads((REPO / 'yamls/demo/models/tiny-gqa/config.json').read_text())
+    model['vocab_size'] = 1024
+    (folder / 'model').mkdir()
+    (folder / 'model' / 'config.json').write_text(json.dumps(model))
+    cfg['model']['pretrained_model_name_or_path'] = str(folder / 'model')
+
+
+def _stale_source(cfg: dict, c: Ctx, folder: Path) -> None:
+    data = folder / 'data'
+    shutil.copytree(c.data, data)
+    corpus = folder / 'corpus'
+    shutil.copytree(c.corpus, corpus)
+    manifest = json.loads((data / 'manifest.json').read_text())
+    manifest['corpus'] = str(corpus)
+    (data / 'manifest.json').write_text(json.dumps(manifest))
+    _append_doc(corpus)
+    cfg['train_loader']['dataset']['data_root'] = str(data)
+
+
+def _train_subprocess(edit: Callable[[dict, Ctx, Path], None]) -> Callable[[Ctx, str], str]:
+    """The real ``train.py``: exits with the message and never reaches LLM-Foundry's trainer."""
+    def run(c: Ctx, name: str) -> str:
+        folder = c.case_dir(name)
+        cfg = copy.deepcopy(c.config)
+        edit(cfg, c, folder)
+        (folder / 'cfg.yaml').write_text(json.dumps(cfg))
+        result = subprocess.run([sys.executable, str(REPO / 'train.py'), str(folder / 'cfg.yaml')],
+                                capture_output=True, text=True, cwd=folder, timeout=300)
+        assert result.returncode != 0
+        assert 'Building trainer' not in result.stdout + result.stderr and 'Traceback' not in result.stderr
+        return result.stderr
+    return run
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def _fake_checkpoint(path: Path, masks: bool = False) -> Path:
+    model = {'model.lm_head.weight': torch.zeros(2, 2)}
+    if masks:
+        model['model.drp_masks._extra_state'] = {'format': 'nope'}
+    torch.save({'state': {'model': model, 'integrations': {'huggingface': {'model': {'config': {}}}}}}, path)
+    return path
+
+
+def export_case(setup: Callable[[Path], tuple[list[str], Path]]) -> Callable[[Ctx, str], str]:
+    """``setup(folder)`` -> (CLI args, a path that must be unchanged afterwards)."""
+    def run(c: Ctx, name: str) -> str:
+        from drp_foundry.export import main
+
+        folder = c.case_dir(name)
+        args, keep = setup(folder)
+        before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*'))
+        result = subprocess.run([sys.executable, '-m', 'drp_foundry.export', *args], capture_output=True, text=True,
+                                cwd=REPO, timeout=120) if name.endswith('cli') else None
+        if result is None:
+            import contextlib
+            import io
+
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(args)
+            assert code == 2
+            message = err.getvalue()
+        else:
+            assert result.returncode == 2 and 'Traceback' not in result.stderr
+            message = result.stderr
+        assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*')) == before, 'export changed files'
+        assert keep is None or keep.exists()
+        return message
+    return run
+
+
+def _run_folder(folder: Path) -> Path:
+    run = folder / 'run'
+    (run / 'checkpoints').mkdir(parents=True)
+    _fake_checkpoint(run / 'checkpoints' / 'ep0-ba4-rank0.pt', masks=True)
+    (run / 'metrics.jsonl').write_text('{"step": 1}\n')
+    (run / 'plots').mkdir()
+    return run
+
+
+# --- eval tools -----------------------------------------------------------------------------------
+
+def domain_loss_case(args: Callable[[Ctx, Path], list[str]]) -> Callable[[Ctx, str], str]:
+    def run(c: Ctx, name: str) -> str:
+        import contextlib
+        import io
+
+        from drp_foundry.eval.domain_loss import main
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(args(c, c.case_dir(name))) == 2
+        return err.getvalue()
+    return run
+
+
+def eval_cli_case(args: Callable[[Ctx, Path], list[str]]) -> Callable[[Ctx, str], str]:
+    def run(c: Ctx, name: str) -> str:
+        from drp_foundry.eval.cli import main
+
+        with pytest.raises(SystemExit) as exc:
+            main(args(c, c.case_dir(name)))
+        return str(exc.value.code)
+    return run
+
+
+TINY_MODEL = str(REPO / 'yamls/demo/models/tiny-gqa')
+
+
+# --- the table --------------------------------------------------------------------------------------
+# (area, id, run, substrings the message must contain; '{corpus}' / '{data}' are filled in)
+CASES = [
+    # data_prep: corpus layout and file contents (issue items 3 and 6)
+    ('data_prep', 'missing-corpus', lambda c, n: _prep(c.work / 'no-such-corpus', c.case_dir(n) / 'o'),
+     ['no-such-corpus', 'does not exist']),
+    ('data_prep', 'missing-domain', lambda c, n: _prep(c.corpus, c.case_dir(n) / 'o', domains=['wiki', 'math']),
+     ["['math'] not found", 'domains present']),
+    ('data_prep', 'file-and-folder', prep_case(_write('wiki/more.jsonl', b'{"text": "x"}\n')),
+     ["domain 'wiki' is given twice", 'wiki.jsonl', 'wiki/']),
+    ('data_prep', 'two-files', prep_case(_gzip_of('wiki.jsonl', 'wiki.jsonl.gz')),
+     ["domain 'wiki' is given twice", 'wiki.jsonl.gz']),
+    ('data_prep', 'bz2-file', prep_case(_rename('wiki.jsonl', 'wiki.jsonl.bz2')),
+     ['wiki.jsonl.bz2: cannot read this file type', '.jsonl.zst']),
+    ('data_prep', 'parquet-file', prep_case(_write('arxiv2.parquet', b'PAR1')),
+     ['arxiv2.parquet: cannot read this file type']),
+    ('data_prep', 'bz2-in-folder', prep_case(_both(_rename('wiki.jsonl', 'wiki/a.jsonl'), _write('wiki/b.jsonl.xz', b'x'))),
+     ['wiki/b.jsonl.xz: cannot read this file type']),
+    ('data_prep', 'non-utf8', prep_case(_write('github.jsonl', b'{"text": "caf\xe9"}\n')),
+     ['github.jsonl:1: not UTF-8 text']),
+    ('data_prep', 'binary-file', prep_case(_write('github.jsonl', bytes(range(256)) * 4)),
+     ['github.jsonl:1: not UTF-8']),
+    ('data_prep', 'truncated-gz', prep_case(_both(_gzip_of('wiki.jsonl', 'wiki.jsonl.gz', cut=60),
+                                                  lambda p: (p / 'wiki.jsonl').unlink())),
+     ['wiki.jsonl.gz: cannot be read']),
+    ('data_prep', 'truncated-zst', prep_case(_zstd_truncated('arxiv.jsonl')), ['arxiv.jsonl.zst: cannot be read']),
+    ('data_prep', 'bad-json-line', prep_case(_write('wiki.jsonl', b'{"text": "a"}\n{oops\n')),
+     ['wiki.jsonl:2: not valid JSON']),
+    ('data_prep', 'no-text-field', prep_case(_write('wiki.jsonl', b'{"content": "a"}\n')),
+     ['wiki.jsonl:1: JSON object without a "text" field']),
+    ('data_prep', 'text-not-string', prep_case(_write('wiki.jsonl', b'{"text": 3}\n')),
+     ['wiki.jsonl:1: "text" must be a string']),
+    ('data_prep', 'empty-file', prep_case(_write('wiki.jsonl', b'')), ['wiki.jsonl: no documents']),
+    ('data_prep', 'too-small-domain', prep_case(_write('github.jsonl', b'{"text": "tiny"}\n')),
+     ["domain 'github': only 0 samples", '--min-eval-samples']),
+    ('data_prep', 'missing-tokenizer', lambda c, n: _prep(c.corpus, c.case_dir(n) / 'o', tokenizer=str(c.work / 'tok')),
+     ['--tokenizer', 'tok: not a local folder', 'nothing is downloaded']),
+    ('data_prep', 'no-tokenizer-choice', _prep_cli([]), ['--tokenizer DIR', '--train-tokenizer']),
+    ('data_prep', 'bad-max-seq-len', _prep_cli(['--train-tokenizer', '400', '--max-seq-len', '1']),
+     ['--max-seq-len must be >= 2']),
+    ('data_prep', 'bad-eval-fraction', _prep_cli(['--train-tokenizer', '400', '--eval-fraction', '1.5']),
+     ['--eval-fraction']),
+    # data_prep: stale or mixed builds (issue item 2)
+    ('data_prep', 'stale-content', prep_rebuild_case(_append_doc), ['wiki.jsonl changed', '--overwrite']),
+    ('data_prep', 'other-seed', prep_rebuild_case(lambda p: None, settings=PrepSettings(**{**SETTINGS.__dict__,
+                                                                                          'seed': 5})),
+     ['setting seed: 17 -> 5']),
+    ('data_prep', 'partial-overwrite', prep_rebuild_case(lambda p: None, domains=['wiki'], train_tokenizer_vocab=300,
+                                                         overwrite=True),
+     ["lacks its domains ['arxiv', 'github']"]),
+    ('data_prep', 'not-a-data-prep-folder', _not_ours, ['mine', 'has no manifest.json']),
+    ('data_prep', 'foreign-files', _foreign_in_data_root, ["holds ['runs']", 'did not write']),
+    # train.py configs: component errors before the model (issue item 6)
+    ('train', 'top-level-typo', config_case(_set('max_durration', '4ba')), ['max_durration', "'max_duration'"]),
+    ('train', 'callback-key-typo', config_case(_set('callbacks.drp_dynamic_loading.rhoo', 0.2)),
+     ['callbacks.drp_dynamic_loading.rhoo', "'rho'"]),
+    ('train', 'unknown-policy', config_case(_set('callbacks.drp_dynamic_loading.policy', 'drprunning')),
+     ['drp_dynamic_loading.policy', 'drprunning']),
+    ('train', 'key-of-another-policy', config_case(_set('callbacks.drp_dynamic_loading.policy', 'constant')),
+     ['drp_dynamic_loading', "policy 'constant'"]),
+    ('train', 'reference-losses-domain', config_case(_set('callbacks.drp_dynamic_loading.reference_losses',
+                                                          {'arxiv': 2.0, 'github': 2.0, 'wikipedia': 2.0})),
+     ['drp_dynamic_loading.reference_losses', 'wikipedia']),
+    ('train', 'reference-losses-count', config_case(_set('callbacks.drp_dynamic_loading.reference_losses', [2.0, 3.0])),
+     ['drp_dynamic_loading.reference_losses', '2 values for 3 domains']),
+    ('train', 'target-unreachable', config_case(_set('algorithms.drp_mask_learner.target.layers', 9)),
+     ['drp_mask_learner.target', 'layers']),
+    ('train', 'target-key-typo', config_case(_set('algorithms.drp_mask_learner.target.layer', 3)),
+     ['drp_mask_learner.target', 'layer']),
+    ('train', 'mask-lr-negative', config_case(_set('algorithms.drp_mask_learner.mask_lr', -1.0)),
+     ['drp_mask_learner.mask_lr must be > 0']),
+    ('train', 'bad-granularity', config_case(_set('algorithms.drp_mask_learner.granularities', ['heads'])),
+     ['drp_mask_learner.granularities']),
+    ('train', 'bad-eval-mask-mode', config_case(_set('algorithms.drp_mask_learner.eval_mask_mode', 'mean')),
+     ['drp_mask_learner.eval_mask_mode']),
+    ('train', 'warmup-units', config_case(_set('algorithms.drp_lagrangian.warmup_steps', '100tok')),
+     ['drp_lagrangian.warmup_steps must count batches']),
+    ('train', 'jsonl-path-empty', config_case(_set('loggers.drp_jsonl.path', '')), ['drp_jsonl.path']),
+    ('train', 'proportions-sum', config_case(_set('train_loader.dataset.proportions', [0.5, 0.3, 0.3])),
+     ['train_loader.dataset.proportions']),
+    ('train', 'dataset-key-typo', config_case(_set('train_loader.dataset.shufle_seed', 3)),
+     ['train_loader.dataset.shufle_seed', "'shuffle_seed'"]),
+    ('train', 'duplicate-eval-label', config_case(_set('eval_loaders.1.label', 'arxiv')), ["labels ['arxiv']"]),
+    ('train', 'max-duration-epochs', config_case(_set('max_duration', '1ep')), ['max_duration: 1ep', 'in batches']),
+    ('train', 'missing-tokenizer-folder', config_case(_set('tokenizer.name', '/nowhere/tokenizer')),
+     ['tokenizer.name', '/nowhere/tokenizer does not exist']),
+    ('train', 'missing-model-folder', config_case(_set('model.pretrained_model_name_or_path', './models/nope')),
+     ['model.pretrained_model_name_or_path', './models/nope does not exist']),
+    ('train', 'model-vocab-too-small', config_case(_small_vocab_model), ['vocab_size 1024', '2048 tokens']),
+    # train.py configs: combinations accepted before (issue item 7)
+    ('train', 'masks-without-lagrangian', config_case(_set('algorithms.drp_lagrangian', _DELETE)),
+     ['drp_mask_learner without algorithms.drp_lagrangian', 'never moves']),
+    ('train', 'lagrangian-without-masks', config_case(_set('algorithms.drp_mask_learner', _DELETE)),
+     ['drp_lagrangian needs algorithms.drp_mask_learner']),
+    ('train', 'warmup-longer-than-run', config_case(_set('algorithms.drp_lagrangian.warmup_steps', 40)),
+     ['drp_lagrangian.warmup_steps: 40 batches is longer than the run', '16 batches']),
+    ('train', 'seq-len-differs', config_case(_set('max_seq_len', 64)), ['max_seq_len: 64', 'built with max_seq_len 32']),
+    ('train', 'loader-seq-len-differs', config_case(_set('train_loader.dataset.max_seq_len', 16)),
+     ['train_loader.dataset.max_seq_len: 16', 'max_seq_len 32']),
+    # train.py configs: the data root (issue item 2)
+    ('train', 'no-manifest', config_case(_with_data(lambda d: (d / 'manifest.json').unlink())),
+     ['train_loader.dataset.data_root', 'has no manifest.json']),
+    ('train', 'unfinished-build', config_case(_with_data(lambda d: ((d / 'manifest.json').unlink(),
+                                                                    (d / '.building').write_text('x')))),
+     ['unfinished build', '.building']),
+    ('train', 'domain-not-in-manifest', config_case(_with_data(_edit_manifest(
+        domains=lambda m: {k: v for k, v in m['domains'].items() if k != 'github'}))),
+     ["domains ['github'] are not in", 'manifest.json']),
+    ('train', 'other-tokenizer', config_case(_other_tokenizer), ['tokenizer.name', 'is not the tokenizer']),
+    ('train', 'stale-source', config_case(_stale_source), ['wiki.jsonl changed since', 'stale']),
+    ('train', 'train-py-exits-before-building', _train_subprocess(_set('algorithms.drp_mask_learner.target.hidden', 500)),
+     ['drp_mask_learner.target', 'hidden']),
+    ('train', 'train-py-no-manifest', _train_subprocess(_with_data(lambda d: (d / 'manifest.json').unlink())),
+     ['has no manifest.json']),
+    # export (issue item 4)
+    ('export', 'missing-checkpoint', export_case(lambda f: ([str(f / 'nope.pt'), str(f / 'out')], None)),
+     ['nope.pt does not exist']),
+    ('export', 'folder-not-checkpoint', export_case(lambda f: ((f / 'ck').mkdir() or [str(f / 'ck'), str(f / 'o')], None)),
+     ['holds no .metadata file']),
+    ('export', 'garbage-file', export_case(lambda f: ((f / 'x.pt').write_bytes(b'junk') and None) or
+                                           ([str(f / 'x.pt'), str(f / 'o')], f / 'x.pt')),
+     ['x.pt with torch.load']),
+    ('export', 'no-masks', export_case(lambda f: ([str(_fake_checkpoint(f / 'plain.pt')), str(f / 'o')], None)),
+     ['plain.pt carries no pruning masks']),
+    ('export', 'out-is-a-file', export_case(lambda f: ((f / 'o').write_text('x') and None) or
+                                            ([str(_fake_checkpoint(f / 'c.pt', True)), str(f / 'o')], f / 'o')),
+     ['exists and is not a directory']),
+    ('export', 'into-run-folder', export_case(lambda f: ([str(_run_folder(f) / 'checkpoints' / 'ep0-ba4-rank0.pt'),
+                                                          str(f / 'run'), '--overwrite'], f / 'run' / 'metrics.jsonl')),
+     ['holds the input', 'ep0-ba4-rank0.pt']),
+    ('export', 'into-folder-with-checkpoints', export_case(lambda f: (
+        [str(_fake_checkpoint(f / 'c.pt', True)), str(_run_folder(f)), '--overwrite'], f / 'run' / 'checkpoints')),
+     ['holds a checkpoint', 'ep0-ba4-rank0.pt']),
+    ('export', 'non-empty-no-overwrite', export_case(lambda f: (
+        (f / 'o').mkdir() or (f / 'o' / 'x').write_text('x') and None) or
+        ([str(_fake_checkpoint(f / 'c.pt', True)), str(f / 'o')], f / 'o' / 'x')),
+     ['not empty; pass --overwrite']),
+    ('export', 'overwrite-non-export-cli', export_case(lambda f: (
+        (f / 'o').mkdir() or (f / 'o' / 'x').write_text('x') and None) or
+        ([str(_fake_checkpoint(f / 'c.pt', True)), str(f / 'o'), '--overwrite'], f / 'o' / 'x')),
+     ['is not an earlier export (no pruning_report.json)']),
+    ('export', 'tokenizer-inside-out', export_case(lambda f: (
+        (f / 'o' / 'tok').mkdir(parents=True) and None) or
+        ([str(_fake_checkpoint(f / 'c.pt', True)), str(f / 'o'), '--overwrite', '--tokenizer', str(f / 'o' / 'tok')],
+         f / 'o' / 'tok')),
+     ['holds the input', 'tok']),
+    # eval tools (issue item 6)
+    ('eval', 'domain-loss-missing-model', domain_loss_case(lambda c, f: [str(f / 'pruned'), str(c.data),
+                                                                         '--max-seq-len', '32']),
+     ['MODEL_DIR', 'pruned does not exist']),
+    ('eval', 'domain-loss-missing-data', domain_loss_case(lambda c, f: [TINY_MODEL, str(f / 'data'),
+                                                                        '--max-seq-len', '32']),
+     ['DATA_ROOT', 'data does not exist']),
+    ('eval', 'domain-loss-unknown-domain', domain_loss_case(lambda c, f: [TINY_MODEL, str(c.data), '--domains', 'math',
+                                                                          '--max-seq-len', '32']),
+     ["--domains ['math']"]),
+    ('eval', 'domain-loss-seq-len', domain_loss_case(lambda c, f: [TINY_MODEL, str(c.data), '--max-seq-len', '64']),
+     ['--max-seq-len 64', 'max_seq_len 32']),
+    ('eval', 'score-missing-model', eval_cli_case(lambda c, f: ['score', str(f / 'm'), str(f / 'items.jsonl')]),
+     ['MODEL_DIR', 'no config.json']),
+    ('eval', 'score-missing-items', eval_cli_case(lambda c, f: ['score', TINY_MODEL, str(f / 'items.jsonl')]),
+     ['items.jsonl does not exist']),
+    ('eval', 'build-missing-data', eval_cli_case(lambda c, f: ['build', '--data', str(f / 'held_out'), '--out',
+                                                               str(f / 'i.jsonl'), '--offline']),
+     ['held_out does not exist']),
+    ('eval', 'build-offline-and-llm', eval_cli_case(lambda c, f: ['build', '--data', str(c.corpus), '--out',
+                                                                  str(f / 'i.jsonl'), '--offline', '--llm-model', 'x']),
+     ['--offline', '--llm-base-url']),
+]
+
+
+def test_the_table_covers_every_area_with_at_least_40_cases():
+    areas = {}
+    for area, *_ in CASES:
+        areas[area] = areas.get(area, 0) + 1
+    assert len(CASES) >= 40 and set(areas) == {'data_prep', 'train', 'export', 'eval'}, areas
+    assert len({case_id for _, case_id, *_ in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize('area,case_id,run,expected', CASES, ids=[f'{a}-{i}' for a, i, *_ in CASES])
+def test_bad_input_is_refused_with_a_message_naming_it(ctx, area, case_id, run, expected):
+    message = run(ctx, f'{area}-{case_id}')
+    for fragment in expected:
+        assert fragment in message, f'{fragment!r} not in: {message}'
