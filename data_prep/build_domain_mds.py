@@ -118,6 +118,20 @@ def tokenizer_sha256(folder: str | Path) -> str | None:
     return h.hexdigest() if found else None
 
 
+def tokenizer_identity(tokenizer) -> str:
+    """SHA-256 of what fixes a tokenizer's ids: the model section (vocabulary, merges), the added tokens and
+    the EOS id. Unlike a hash of its files, a copy re-saved elsewhere (an export) has the same identity."""
+    backend = getattr(tokenizer, 'backend_tokenizer', None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        payload = {'model': spec.get('model'),
+                   'added': sorted([t['id'], t['content']] for t in spec.get('added_tokens') or [])}
+    else:
+        payload = {'vocab': sorted(tokenizer.get_vocab().items())}
+    payload['eos'] = tokenizer.eos_token_id
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 def describe_change(old: dict, new: dict) -> str:
     """What differs between two manifests' inputs, in words (files, settings, domains, tokenizer)."""
     changes = []
@@ -483,7 +497,7 @@ def build_domain_mds(corpus: str | Path, out: str | Path, *, domains: list[str] 
     tok_sha = given_tok_sha if tokenizer else tokenizer_sha256(staging / 'tokenizer')
 
     manifest = {'fingerprint': fingerprint, 'settings': asdict(settings), 'tokenizer': tok_desc,
-                'tokenizer_sha256': tok_sha, 'vocab_size': len(tok), 'eos_token_id': tok.eos_token_id,
+                'tokenizer_sha256': tok_sha, 'tokenizer_identity': tokenizer_identity(tok), 'vocab_size': len(tok), 'eos_token_id': tok.eos_token_id,
                 'corpus': str(corpus.resolve()), 'sources': sources, 'domains': {}}
     for i, (domain, domain_docs) in enumerate(docs.items()):
         samples = tokens_to_samples(domain_docs, tok, settings.max_seq_len, settings.seed + i)

@@ -23,7 +23,9 @@ def write_fake_data_root(root: Path, tokenizer_dir: Path, max_seq_len: int = 128
     import json
     import shutil
 
-    from data_prep.build_domain_mds import tokenizer_sha256
+    from transformers import AutoTokenizer
+
+    from data_prep.build_domain_mds import tokenizer_identity
 
     for domain in domains:
         for split in ['train', 'eval']:
@@ -32,7 +34,7 @@ def write_fake_data_root(root: Path, tokenizer_dir: Path, max_seq_len: int = 128
     if copy_tokenizer:
         shutil.copytree(tokenizer_dir, root / 'tokenizer')
     manifest = {'fingerprint': 'x', 'settings': {'max_seq_len': max_seq_len}, 'tokenizer': 'trained:512',
-                'tokenizer_sha256': tokenizer_sha256(tokenizer_dir), 'vocab_size': 512,
+                'tokenizer_identity': tokenizer_identity(AutoTokenizer.from_pretrained(str(tokenizer_dir))), 'vocab_size': 512,
                 'domains': {d: {'train_samples': 1, 'eval_samples': 1} for d in domains}}
     (root / 'manifest.json').write_text(json.dumps(manifest))
     return root
@@ -126,3 +128,18 @@ def test_pruning_with_reentrant_activation_checkpointing_is_refused(prune_data_r
         check_train_config(_prune_cfg(data_root, 'fsdp_config.activation_checkpointing=true'))
     check_train_config(_prune_cfg(data_root, 'fsdp_config.activation_checkpointing=true',
                                   'fsdp_config.activation_checkpointing_reentrant=false'))
+
+
+def test_a_resaved_copy_of_the_data_tokenizer_is_accepted(data_root, tmp_path):
+    """An export re-saves the tokenizer (other file bytes); the check compares vocabulary, merges and EOS."""
+    from transformers import AutoTokenizer
+
+    copy = tmp_path / 'exported'
+    tok = AutoTokenizer.from_pretrained(str(data_root / 'tokenizer'))
+    tok.model_max_length = 77
+    tok.save_pretrained(str(copy))
+    check_train_config(_cfg(data_root, f'tokenizer.name={copy}'))
+    tok.add_tokens(['<|new|>'])
+    tok.save_pretrained(str(copy))
+    with pytest.raises(ConfigError, match=r'tokenizer\.name: .*exported is not the tokenizer'):
+        check_train_config(_cfg(data_root, f'tokenizer.name={copy}'))

@@ -128,11 +128,13 @@ def _write_tiny_mds(folder: Path, seed: int) -> None:
 
 def _write_manifest(data_root: Path, raw: dict[str, Any], tokenizer_dir: Path) -> None:
     """The data_prep manifest the pre-flight check reads (domains, seq length, tokenizer)."""
-    from data_prep.build_domain_mds import tokenizer_sha256
+    from transformers import AutoTokenizer
+
+    from data_prep.build_domain_mds import tokenizer_identity
 
     domains = sorted(p.name for p in data_root.iterdir() if p.is_dir())
     manifest = {'fingerprint': 'recipe-test', 'settings': {'max_seq_len': SEQ_LEN}, 'tokenizer': str(tokenizer_dir),
-                'tokenizer_sha256': tokenizer_sha256(tokenizer_dir), 'vocab_size': TINY_VOCAB,
+                'tokenizer_identity': tokenizer_identity(AutoTokenizer.from_pretrained(str(tokenizer_dir))), 'vocab_size': TINY_VOCAB,
                 'domains': {d: {} for d in domains}}
     (data_root / 'manifest.json').write_text(json.dumps(manifest))
 

@@ -303,12 +303,19 @@ def _check_manifest(cfg: DictConfig, manifest: dict, data_root: Path, where: str
             raise ConfigError(f'{key}: {value}, but {data_root} was built with max_seq_len {built_len} (manifest.json); '
                               f'set {key} to {built_len} or rebuild the data with --max-seq-len {value}')
     tokenizer = (cfg.get('tokenizer') or {}).get('name')
-    if tokenizer and manifest.get('tokenizer_sha256') and Path(str(tokenizer)).is_dir():
-        from data_prep.build_domain_mds import tokenizer_sha256
+    if tokenizer and manifest.get('tokenizer_identity') and Path(str(tokenizer)).is_dir():
+        from transformers import AutoTokenizer
 
-        if tokenizer_sha256(tokenizer) not in (None, manifest['tokenizer_sha256']):
+        from data_prep.build_domain_mds import tokenizer_identity
+
+        try:
+            loaded = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f'tokenizer.name: cannot load the tokenizer in {tokenizer} ({err})') from None
+        if tokenizer_identity(loaded) != manifest['tokenizer_identity']:
             raise ConfigError(f'tokenizer.name: {tokenizer} is not the tokenizer {data_root} was tokenised with '
-                              f'({manifest.get("tokenizer")}); use that tokenizer or rebuild the data with this one')
+                              f'({manifest.get("tokenizer")}: other vocabulary, merges or EOS); use that tokenizer '
+                              'or rebuild the data with this one')
     config = _model_config(cfg)
     vocab = manifest.get('vocab_size')
     if config is not None and vocab is not None and getattr(config, 'vocab_size', None) is not None \
@@ -339,18 +346,26 @@ def _check_data_manifests(cfg: DictConfig) -> None:
             domains = [d for d in dataset.get('domains') or [] if d not in overridden]
             _check_manifest(cfg, manifest, data_root, where, domains,
                             {'max_seq_len': top_len, 'train_loader.dataset.max_seq_len': dataset.get('max_seq_len')})
+    # `text` loaders (eval loaders, a stock train loader): a folder DATA_ROOT/<domain>[/<split>] of a data_prep build
+    folders: list[tuple[str, dict]] = []
+    if loader.get('name') == 'text':
+        folders += [(f'train_loader.dataset.streams.{name}', stream)
+                    for name, stream in (dataset.get('streams') or {}).items()]
+        folders.append(('train_loader.dataset', dataset))
     eval_loaders = raw.get('eval_loaders') or ([raw['eval_loader']] if raw.get('eval_loader') else [])
-    for i, ev in enumerate(eval_loaders):
-        ds = (ev or {}).get('dataset') or {}
+    folders += [(f'eval_loaders[{i}].dataset', (ev or {}).get('dataset') or {}) for i, ev in enumerate(eval_loaders)]
+    for where, ds in folders:
         local = ds.get('local')
         if not local or ds.get('remote'):
             continue
-        root = Path(str(local)).parent
-        where = f'eval_loaders[{i}].dataset.local'
-        manifest = _read_manifest(root, where, require=False)
-        if manifest is not None and Path(str(local)).name in manifest['domains']:
-            _check_manifest(cfg, manifest, root, where, [Path(str(local)).name],
-                            {f'eval_loaders[{i}].dataset.max_seq_len': ds.get('max_seq_len')})
+        local = Path(str(local))
+        for root, domain in ((local.parent, local.name), (local.parent.parent, local.parent.name)):
+            manifest = _read_manifest(root, f'{where}.local', require=False)
+            if manifest is not None:
+                if domain in manifest['domains']:
+                    _check_manifest(cfg, manifest, root, f'{where}.local', [domain],
+                                    {f'{where}.max_seq_len': ds.get('max_seq_len')})
+                break
 
 
 def check_train_config(cfg: DictConfig) -> None:
