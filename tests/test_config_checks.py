@@ -143,3 +143,15 @@ def test_a_resaved_copy_of_the_data_tokenizer_is_accepted(data_root, tmp_path):
     tok.save_pretrained(str(copy))
     with pytest.raises(ConfigError, match=r'tokenizer\.name: .*exported is not the tokenizer'):
         check_train_config(_cfg(data_root, f'tokenizer.name={copy}'))
+
+
+def test_model_dropout_is_warned_about(data_root, tmp_path, caplog):
+    import json
+
+    config = json.loads((REPO / 'yamls/demo/models/tiny-llama/config.json').read_text())
+    model = tmp_path / 'dropout-model'
+    model.mkdir()
+    (model / 'config.json').write_text(json.dumps({**config, 'attention_dropout': 0.1}))
+    check_train_config(_cfg(data_root, f'variables.model_dir={model}'))
+    assert "model config has dropout {'attention_dropout': 0.1}" in caplog.text
+    assert 'not be bitwise identical' in caplog.text

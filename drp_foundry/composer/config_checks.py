@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -229,6 +230,14 @@ def _check_combinations(cfg: DictConfig, algorithms: dict[str, Any]) -> None:
                           f'batches (e.g. 3200ba) instead of {cfg.get("max_duration")}')
     _check_scheduler_against_data(cfg)
     config = _model_config(cfg)
+    if config is not None:
+        dropout = {k: v for k, v in config.to_dict().items()
+                   if 'dropout' in k or k.endswith('_pdrop') and isinstance(v, (int, float)) and v}
+        dropout = {k: v for k, v in dropout.items() if isinstance(v, (int, float)) and v}
+        if dropout:
+            logging.getLogger(__name__).warning(
+                'model config has dropout %s: dropout draws from the global RNG, which Composer restores only at an '
+                'epoch start, so a resumed run will not be bitwise identical to an uninterrupted one', dropout)
     learner = algorithms.get('drp_mask_learner')
     if config is not None and learner is not None and hasattr(learner, 'target'):
         from drp_foundry.pruning.architecture import DecoderArchitecture, validate_target
