@@ -5,7 +5,7 @@ Used by tests/test_kill_resume.py; also runnable by hand::
     python tests/resume_harness.py WORKDIR [--ranks 2] [--kill-after 5]
 
 One run = masks + Lagrangian + ``drp_multidomain`` (1 worker) + the drpruning policy on
-three domains of the shared sample, eval and checkpoint every 2 batches, 16 batches.
+three domains of the shared sample, eval and checkpoint every 2 batches, 12 batches.
 Lagrangian warm-up: batches 1-8; the policy's first scaling-law fit: the eval of batch 6
 (3 history points from batch 2 on, fits from 25% of the run).
 """
@@ -20,10 +20,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ['arxiv', 'github', 'wiki']
-STEPS = 16
+STEPS = 12
 WARMUP = 8
 FIRST_FIT = 6
 # metrics that measure time, not the run
@@ -186,19 +187,25 @@ def first_difference(a: list[dict], b: list[dict]) -> str | None:
     return None
 
 
-def kill_and_resume(work: Path, data: Path, kill_after: int, ranks: int = 1) -> dict:
-    """Kill a run after the checkpoint of batch ``kill_after``, rerun it (autoresume); returns timings."""
-    run_dir = work / f'kill{kill_after}-n{ranks}'
+def kill_and_resume(work: Path, data: Path, kill_points: Sequence[int], ranks: int = 1) -> dict:
+    """One run killed (SIGKILL) after the checkpoint of each batch in ``kill_points`` in turn, each time
+    rerun with autoresume, then finished. Returns the run folder, where each kill landed and the timings."""
+    run_dir = work / f'killed-n{ranks}'
     run_dir.mkdir(parents=True)
     cfg = write_config(work / f'{run_dir.name}.yaml', data, run_dir)
-    rc, log, killed_s = run(cfg, run_dir, ranks, kill_after=kill_after)
-    assert rc == -signal.SIGKILL or (ranks > 1 and rc != 0), f'the run was not killed (rc={rc}):\n{log[-3000:]}'
-    assert not (run_dir / 'checkpoints' / f'ep0-ba{STEPS}-rank0.pt').exists(), 'killed after the end'
-    killed_at = last_step(run_dir / 'metrics.jsonl')
-    rc, log, resumed_s = run(cfg, run_dir, ranks)
+    result: dict = {'run_dir': run_dir, 'killed_at_step': [], 'seconds': [], 'logs': []}
+    for kill_after in kill_points:
+        rc, log, seconds = run(cfg, run_dir, ranks, kill_after=kill_after)
+        assert rc == -signal.SIGKILL, f'the run was not killed (rc={rc}):\n{log[-3000:]}'
+        assert not (run_dir / 'checkpoints' / f'ep0-ba{STEPS}-rank0.pt').exists(), 'killed after the end'
+        result['killed_at_step'].append(last_step(run_dir / 'metrics.jsonl'))
+        result['seconds'].append(seconds)
+        result['logs'].append(log)
+    rc, log, seconds = run(cfg, run_dir, ranks)
     assert rc == 0, log[-4000:]
-    return {'run_dir': run_dir, 'killed_at_step': killed_at, 'killed_s': killed_s, 'resumed_s': resumed_s,
-            'log': log}
+    result['seconds'].append(seconds)
+    result['logs'].append(log)
+    return result
 
 
 def uninterrupted(work: Path, data: Path, ranks: int = 1) -> dict:
@@ -232,10 +239,9 @@ if __name__ == '__main__':
     full = uninterrupted(args.work, data, args.ranks)
     print(f'uninterrupted: {full["seconds"]:.1f} s')
     reference = read_logged(full['run_dir'] / 'metrics.jsonl')
-    for k in args.kill_after:
-        res = kill_and_resume(args.work, data, k, args.ranks)
-        logged = read_logged(res['run_dir'] / 'metrics.jsonl')
-        diff, values = first_difference(reference, logged), first_value_difference(reference, logged)
-        print(f'kill after ba{k} (killed at step {res["killed_at_step"]}, {res["killed_s"]:.1f} s) + resume '
-              f'{res["resumed_s"]:.1f} s: file {"equal" if diff is None else "DIFFERS at " + diff}; '
-              f'values {"equal" if values is None else "DIFFER: " + values}')
+    res = kill_and_resume(args.work, data, args.kill_after, args.ranks)
+    logged = read_logged(res['run_dir'] / 'metrics.jsonl')
+    diff, values = first_difference(reference, logged), first_value_difference(reference, logged)
+    print(f'killed after ba{args.kill_after} (at steps {res["killed_at_step"]}), runs {res["seconds"]} s: '
+          f'file {"equal" if diff is None else "DIFFERS at " + diff}; '
+          f'values {"equal" if values is None else "DIFFER: " + values}')
