@@ -346,14 +346,17 @@ def _check_data_manifests(cfg: DictConfig) -> None:
     loader = raw.get('train_loader') or {}
     dataset = loader.get('dataset') or {}
     top_len = raw.get('max_seq_len')
-    if loader.get('name') == 'drp_multidomain' and dataset.get('data_root') and not dataset.get('remote_root'):
+    # domains read from DATA_ROOT/<domain> itself: not remote (DATA_ROOT is then a download cache) nor overridden
+    streams = dataset.get('streams') or {}
+    local_domains = [d for d in dataset.get('domains') or []
+                     if not dataset.get('remote_root') and not (streams.get(d) or {}).get('remote')
+                     and not (streams.get(d) or {}).get('local')]
+    if loader.get('name') == 'drp_multidomain' and dataset.get('data_root') and local_domains:
         data_root = Path(str(dataset['data_root']))
         where = 'train_loader.dataset.data_root'
         manifest = _read_manifest(data_root, where, require=dataset.get('require_manifest', True) is not False)
         if manifest is not None:
-            overridden = set(dataset.get('streams') or {})
-            domains = [d for d in dataset.get('domains') or [] if d not in overridden]
-            _check_manifest(cfg, manifest, data_root, where, domains,
+            _check_manifest(cfg, manifest, data_root, where, local_domains,
                             {'max_seq_len': top_len, 'train_loader.dataset.max_seq_len': dataset.get('max_seq_len')})
     # `text` loaders (eval loaders, a stock train loader): a folder DATA_ROOT/<domain>[/<split>] of a data_prep build
     folders: list[tuple[str, dict]] = []
