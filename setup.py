@@ -21,6 +21,14 @@ ENTRY_POINTS = {
     'llmfoundry_loggers': [
         'drp_jsonl = drp_foundry.composer.jsonl_metrics_logger:JSONLMetricsLogger',
     ],
+    # Mixture policies of drp_dynamic_loading (drp_foundry/scheduling/registry.py): a new policy
+    # is one MixturePolicy subclass plus one line here (or in its own package's setup.py).
+    'drp_foundry_policies': [
+        'constant = drp_foundry.scheduling.policies:ConstantPolicy',
+        'sheared = drp_foundry.scheduling.policies:ShearedPolicy',
+        'dro = drp_foundry.scheduling.policies:DROPolicy',
+        'drpruning = drp_foundry.scheduling.policies:DRPruningPolicy',
+    ],
     'console_scripts': [
         'drp-prepare-data = data_prep.build_domain_mds:main',
         'drp-hf-corpora = data_prep.hf_corpora:main',

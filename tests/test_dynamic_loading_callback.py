@@ -13,7 +13,7 @@ import torch
 import torch.distributed
 import torch.multiprocessing as mp
 from composer.core import Evaluator, Time
-from composer.loggers import InMemoryLogger
+from composer.loggers import InMemoryLogger, LoggerDestination
 from composer.metrics.nlp import LanguageCrossEntropy
 from composer.models import ComposerModel
 from composer.trainer import Trainer
@@ -116,10 +116,10 @@ def make_trainer(callback, dataset, tmp_path, max_duration='12ba', **kwargs):
 
 def test_tiny_trainer_run_moves_weight_to_hardest_domain_logs_and_plots(tmp_path):
     dataset = FakeMixtureDataset([0.4, 0.4, 0.2])
-    callback = DynamicLoading(policy='dro', reference_losses={'flat': 0.0, 'cycle': 0.0, 'noise': 0.0},
-                              rho=0.1, ema_weight=1.0, plot_folder=str(tmp_path / '{run_name}' / 'plots'))
-    memory = InMemoryLogger()
-    trainer = make_trainer(callback, dataset, tmp_path, loggers=[memory])
+    callback = DynamicLoading(policy={'name': 'dro', 'reference_losses': {'flat': 0.0, 'cycle': 0.0, 'noise': 0.0},
+                                      'rho': 0.1}, plot_folder=str(tmp_path / '{run_name}' / 'plots'))
+    memory, images = InMemoryLogger(), ImageRecorder()
+    trainer = make_trainer(callback, dataset, tmp_path, loggers=[memory, images])
     trainer.fit()
     # one update after each eval (every 2 batches; Composer evaluates again at FIT_END only if due)
     assert [step for step, _ in dataset.calls][:6] == [2, 4, 6, 8, 10, 12]
@@ -131,11 +131,32 @@ def test_tiny_trainer_run_moves_weight_to_hardest_domain_logs_and_plots(tmp_path
         assert key in memory.data, key
     assert memory.data['drp/mixture/noise'][-1][1] == pytest.approx(q[2])
     assert os.path.getsize(tmp_path / 'tiny' / 'plots' / 'mixture_trajectories.png') > 1000
+    # the same plot went to the loggers as an image, once: after the last update (FIT_END has nothing new)
+    assert [(name, step) for name, step, _ in images.calls] == [('drp/mixture_trajectories', 12)]
+    image = images.calls[-1][2]
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and image.shape[0] > 200
+    assert image.std() > 10  # not a blank canvas
+    quiet = DynamicLoading(policy={'name': 'constant'}, plot_folder=None, log_images=False)
+    recorder = ImageRecorder()
+    make_trainer(quiet, FakeMixtureDataset([0.4, 0.4, 0.2]), tmp_path / 'quiet', max_duration='4ba',
+                 loggers=[recorder]).fit()
+    assert recorder.calls == []
+
+
+class ImageRecorder(LoggerDestination):
+    """An in-memory logger destination that keeps the images it is sent."""
+
+    def __init__(self):
+        self.calls = []
+
+    def log_images(self, images, name='Images', channels_last=False, step=None, *args, **kwargs):
+        assert channels_last
+        self.calls.append((name, step, np.asarray(images)))
 
 
 def test_constant_policy_run_keeps_the_mixture(tmp_path):
     dataset = FakeMixtureDataset([0.4, 0.4, 0.2])
-    trainer = make_trainer(DynamicLoading(policy='constant', plot_folder=None), dataset, tmp_path,
+    trainer = make_trainer(DynamicLoading(policy={'name': 'constant'}, plot_folder=None), dataset, tmp_path,
                            max_duration='4ba')
     trainer.fit()
     assert dataset.calls and all(q == [0.4, 0.4, 0.2] for _, q in dataset.calls)
@@ -143,9 +164,9 @@ def test_constant_policy_run_keeps_the_mixture(tmp_path):
 
 def test_resumed_trainer_makes_the_same_updates(tmp_path):
     def callback():
-        return DynamicLoading(policy='drpruning', reference_losses=[0.5, 1.0, 2.0], ema_weight=0.5,
-                              fit_start_fraction=0.0, history_start_fraction=0.0, min_fit_points=3,
-                              ratio_start_fraction=0.0, plot_folder=None)
+        return DynamicLoading(policy={'name': 'drpruning', 'reference_losses': [0.5, 1.0, 2.0], 'eval_loss_ema': 0.5,
+                                      'fit_start_fraction': 0.0, 'history_start_fraction': 0.0, 'min_fit_points': 3,
+                                      'ratio_start_fraction': 0.0}, plot_folder=None)
 
     full = FakeMixtureDataset([0.4, 0.4, 0.2])
     make_trainer(callback(), full, tmp_path).fit()  # saves checkpoints at batches 6 and 12
@@ -176,10 +197,11 @@ def fake_state(dataset, losses=None, batch=10, max_duration='100ba', labels=None
 
 
 @pytest.mark.parametrize('kwargs,dataset_names,match', [
-    (dict(policy='dro', domain_names=['flat', 'noise', 'cycle'], reference_losses=[1, 1, 1]), DOMAINS, 'domain_names'),
-    (dict(policy='constant', reference_ratio=[0.5, 0.5]), DOMAINS, 'reference_ratio'),
-    (dict(policy='constant', reference_ratio=[0.2, 0.4, 0.4]), DOMAINS, 'reference_ratio'),
-    (dict(policy='dro', reference_losses={'flat': 1.0, 'cycle': 1.0}), DOMAINS, 'reference_losses'),
+    (dict(policy={'name': 'dro', 'reference_losses': [1, 1, 1]}, domain_names=['flat', 'noise', 'cycle']), DOMAINS,
+     'domain_names'),
+    (dict(policy={'name': 'constant'}, reference_ratio=[0.5, 0.5]), DOMAINS, 'reference_ratio'),
+    (dict(policy={'name': 'constant'}, reference_ratio=[0.2, 0.4, 0.4]), DOMAINS, 'reference_ratio'),
+    (dict(policy={'name': 'dro', 'reference_losses': {'flat': 1.0, 'cycle': 1.0}}), DOMAINS, 'reference_losses'),
 ])
 def test_config_mismatch_with_dataset_names_the_key(kwargs, dataset_names, match):
     callback = DynamicLoading(**kwargs)
@@ -188,25 +210,40 @@ def test_config_mismatch_with_dataset_names_the_key(kwargs, dataset_names, match
 
 
 def test_bad_keys_fail_at_construction():
-    with pytest.raises(ValueError, match='policy'):
-        DynamicLoading(policy='doremi')
+    with pytest.raises(ValueError, match='unknown policy .doremi'):
+        DynamicLoading(policy={'name': 'doremi'})
     with pytest.raises(ValueError, match="'smoothing'"):
-        DynamicLoading(policy='dro', reference_losses=[1, 1, 1], smoothing=1e-4)
+        DynamicLoading(policy={'name': 'dro', 'reference_losses': [1, 1, 1], 'smoothing': 1e-4})
     with pytest.raises(ValueError, match='reference_losses'):
-        DynamicLoading(policy='sheared')
+        DynamicLoading(policy={'name': 'sheared'})
+    with pytest.raises(ValueError, match='rho'):  # value checks run before the domains are known, too
+        DynamicLoading(policy={'name': 'dro', 'reference_losses': [1, 1, 1], 'rho': -0.1})
     with pytest.raises(ValueError, match='rho'):
-        DynamicLoading(policy='dro', domain_names=DOMAINS, reference_ratio=[0.4, 0.4, 0.2],
-                       reference_losses=[1, 1, 1], rho=-0.1)
+        DynamicLoading(policy={'name': 'dro', 'reference_losses': [1, 1, 1], 'rho': -0.1}, domain_names=DOMAINS,
+                       reference_ratio=[0.4, 0.4, 0.2])
+    with pytest.raises(ValueError, match='needs `name`'):
+        DynamicLoading(policy={'rho': 0.1})
+    with pytest.raises(ValueError, match="unknown keys \\['rhoo'\\]"):
+        DynamicLoading(policy={'name': 'dro', 'reference_losses': [1, 1, 1]}, rhoo=0.1)
+
+
+def test_old_flat_keys_are_refused_with_the_new_form():
+    with pytest.raises(ValueError, match=r'`policy: \{name: dro, reference_losses: \[1, 2, 3\], rho: 0.2\}`'):
+        DynamicLoading(policy='dro', reference_losses=[1, 2, 3], rho=0.2)
+    with pytest.raises(ValueError, match=r'`policy: \{name: constant\}`'):
+        DynamicLoading(policy='constant')
+    with pytest.raises(ValueError, match=r'`policy: \{name: drpruning, ema_weight: 0.5\}`'):
+        DynamicLoading(ema_weight=0.5)
 
 
 def test_missing_eval_loaders_tokens_duration_and_wrong_dataset_are_refused():
     dataset = FakeMixtureDataset([0.4, 0.4, 0.2])
     with pytest.raises(ValueError, match="no eval loader labelled \\['noise'\\]"):
-        DynamicLoading(policy='constant').fit_start(fake_state(dataset, labels=['flat', 'cycle']), None)
+        DynamicLoading(policy={'name': 'constant'}).fit_start(fake_state(dataset, labels=['flat', 'cycle']), None)
     with pytest.raises(ValueError, match='max_duration'):
-        DynamicLoading(policy='constant').before_load(fake_state(dataset, max_duration='1000tok'), None)
+        DynamicLoading(policy={'name': 'constant'}).before_load(fake_state(dataset, max_duration='1000tok'), None)
     with pytest.raises(ValueError, match='mixture'):
-        DynamicLoading(policy='constant').before_load(fake_state(object()), None)
+        DynamicLoading(policy={'name': 'constant'}).before_load(fake_state(object()), None)
 
 
 def test_expected_and_target_params_come_from_the_mask_module():
@@ -218,7 +255,7 @@ def test_expected_and_target_params_come_from_the_mask_module():
     hf_model = LlamaForCausalLM(tiny_llama_config())
     masks = apply_mask_learner(hf_model, {'layers': 2, 'hidden': 32, 'heads': 2, 'intermediate': 64})
     model = SimpleNamespace(model=hf_model)
-    callback = DynamicLoading(policy='drpruning', reference_losses=[1.0, 1.0, 1.0], plot_folder=None)
+    callback = DynamicLoading(policy={'name': 'drpruning', 'reference_losses': [1.0, 1.0, 1.0]}, plot_folder=None)
     state = fake_state(FakeMixtureDataset([0.4, 0.4, 0.2]), losses=[1.0, 2.0, 3.0], model=model)
     callback.before_load(state, None)
     assert callback.policy.target_params == masks.target_num_parameters() and callback.policy.total_steps == 100
@@ -229,7 +266,7 @@ def test_expected_and_target_params_come_from_the_mask_module():
         masks.log_alpha('hidden').fill_(-3.0)  # changes the live value, not the recorded one
     assert callback._expected_params(state) == pytest.approx(float(masks.last_size_terms['num_parameters']))
     assert callback._expected_params(state) != pytest.approx(float(masks.expected_num_parameters()))
-    plain = DynamicLoading(policy='constant', plot_folder=None)
+    plain = DynamicLoading(policy={'name': 'constant'}, plot_folder=None)
     assert plain._expected_params(fake_state(None, model=torch.nn.Linear(3, 2))) == 8.0  # 3*2 + 2
 
 
@@ -242,8 +279,8 @@ def drive(callback, dataset, steps, seed):
 
 def test_callback_state_round_trip_through_torch_save(tmp_path):
     def new():
-        return DynamicLoading(policy='drpruning', reference_losses=[1.0, 2.0, 3.0], fit_start_fraction=0.1,
-                              ratio_start_fraction=0.2, min_fit_points=4, plot_folder=None)
+        return DynamicLoading(policy={'name': 'drpruning', 'reference_losses': [1.0, 2.0, 3.0], 'fit_start_fraction': 0.1,
+                                      'ratio_start_fraction': 0.2, 'min_fit_points': 4}, plot_folder=None)
 
     full_dataset = FakeMixtureDataset([0.4, 0.4, 0.2])
     full = new()
@@ -274,8 +311,8 @@ def _rank_main(rank, world_size, init_file, out_dir):
                                          timeout=datetime.timedelta(seconds=120))
     try:
         dataset = FakeMixtureDataset([0.4, 0.4, 0.2])
-        callback = DynamicLoading(policy='drpruning', reference_losses=[1.0, 2.0, 3.0], fit_start_fraction=0.1,
-                                  min_fit_points=4, plot_folder=None)
+        callback = DynamicLoading(policy={'name': 'drpruning', 'reference_losses': [1.0, 2.0, 3.0], 'fit_start_fraction': 0.1,
+                                          'min_fit_points': 4}, plot_folder=None)
         callback.before_load(fake_state(dataset), None)
         rng = np.random.default_rng(rank)  # the ranks see different losses: only rank 0's may count
         if rank == 1:
@@ -299,8 +336,8 @@ def test_two_gloo_ranks_end_each_update_with_identical_proportions(tmp_path):
                                                                                weights_only=True)
     # and they are rank 0's updates: a single process fed rank 0's losses gives the same mixtures
     dataset = FakeMixtureDataset([0.4, 0.4, 0.2])
-    single = DynamicLoading(policy='drpruning', reference_losses=[1.0, 2.0, 3.0], fit_start_fraction=0.1,
-                            min_fit_points=4, plot_folder=None)
+    single = DynamicLoading(policy={'name': 'drpruning', 'reference_losses': [1.0, 2.0, 3.0], 'fit_start_fraction': 0.1,
+                                          'min_fit_points': 4}, plot_folder=None)
     single.before_load(fake_state(dataset), None)
     drive(single, dataset, range(2, 41, 2), seed=0)
     np.testing.assert_array_equal(np.array([q for _, q in dataset.calls]), q0)

@@ -8,10 +8,16 @@ import math
 import numpy as np
 import pytest
 
-from drp_foundry.scheduling.policies import DRPruningPolicy, build_policy
+from drp_foundry.scheduling.policies import DRPruningPolicy
+from drp_foundry.scheduling.registry import build_policy as registry_build
 from drp_foundry.scheduling.scaling_law_fit import scaling_law
 
 NAMES = ['a', 'b']
+
+
+def build_policy(name, domain_names, reference_ratio, total_steps=None, **keys):
+    """A policy from its config mapping, the way the callback builds it."""
+    return registry_build({'name': name, **keys}, domain_names, reference_ratio, total_steps=total_steps)
 
 
 def test_constant_policy_ignores_losses():
@@ -53,9 +59,9 @@ def test_dro_policy_hand_computed_with_floors_and_ema():
     policy = build_policy('dro', NAMES, [0.5, 0.5], reference_losses=[0.0, 0.0], rho=0.125)
     np.testing.assert_allclose(policy.update(1, [1.0, 0.0]), [0.6, 0.4], atol=1e-12)
     no_floor = build_policy('dro', NAMES, [0.5, 0.5], reference_losses=[0.0, 0.0], rho=0.125,
-                            floor_at_min_reference=False)
+                            floor_at_min_reference=False, eval_loss_ema=0.1)
     np.testing.assert_allclose(no_floor.update(1, [1.0, 0.0]), [0.75, 0.25], atol=1e-12)
-    # EMA 0.1: losses (0, 1) next give EMA (0.9, 0.1); g has mean 0.5, p-variance 0.16, so
+    # eval_loss_ema 0.1 (ours): losses (0, 1) next give EMA (0.9, 0.1); g has mean 0.5, p-variance 0.16, so
     # mean - eta = sqrt(0.16 / 0.25) = 0.8, eta = -0.3: q ∝ (1.2, 0.4) = (0.75, 0.25)
     np.testing.assert_allclose(no_floor.update(2, [0.0, 1.0]), [0.75, 0.25], atol=1e-12)
     np.testing.assert_allclose(no_floor.ema_losses, [0.9, 0.1])
@@ -105,7 +111,7 @@ def test_update_interval_and_repeated_step_are_skipped():
 
 
 def test_bad_config_names_the_key():
-    with pytest.raises(ValueError, match='unknown `policy`'):
+    with pytest.raises(ValueError, match='unknown policy'):
         build_policy('doremi', NAMES, [0.5, 0.5])
     with pytest.raises(ValueError, match='reference_ratio'):
         build_policy('constant', NAMES, [0.5, 0.6])
@@ -117,7 +123,7 @@ def test_bad_config_names_the_key():
         build_policy('dro', NAMES, [0.5, 0.5], reference_losses=[1.0, 1.0], rho=-1.0)
     with pytest.raises(ValueError, match='fit_start_fraction'):
         build_policy('drpruning', NAMES, [0.5, 0.5], fit_start_fraction=20)
-    with pytest.raises(ValueError, match='bad keys'):
+    with pytest.raises(ValueError, match='not keys of policy'):
         build_policy('constant', NAMES, [0.5, 0.5], rho=0.1)
 
 

@@ -12,10 +12,13 @@ Ranks: rank 0 runs the policy and broadcasts its whole state (q included), so ev
 ends each update with bit-identical proportions and policy state.
 
 Artifacts: at each update the per-domain eval loss, EMA loss, reference loss, excess loss,
-q, p_R and fit quality go to Composer's loggers under ``drp/<quantity>/<domain>``; a PNG
-of their trajectories is written (rank 0) to ``plot_folder`` (default
-``{run_name}/drp_dynamic_loading``, beside Composer's default ``{run_name}/checkpoints``)
-at each checkpoint, after the last update and at ``FIT_END``.
+q, p_R and fit quality go to Composer's loggers under ``drp/<quantity>/<domain>``; a plot
+of their trajectories (and of the expected parameter count) is drawn (rank 0) at each
+checkpoint event, after the last update and at ``FIT_END`` and written as a PNG to
+``plot_folder`` (default ``{run_name}/drp_dynamic_loading``, beside Composer's default
+``{run_name}/checkpoints``); after the last update (or at ``FIT_END`` if later) it is also sent
+to the loggers as an image (``logger.log_images``, name ``drp/mixture_trajectories``; off
+with ``log_images: false``), so MLflow / W&B runs show it without the file.
 
 Everything the updates depend on is in ``state_dict`` (Composer checkpoints), so a
 resumed run makes the same updates as an uninterrupted one.
@@ -23,7 +26,6 @@ resumed run makes the same updates as an uninterrupted one.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -40,7 +42,8 @@ from drp_foundry.composer.domain_eval_losses import read_domain_eval_losses
 from drp_foundry.composer.hf_model import unwrap_hf_model
 from drp_foundry.pruning.architecture import DecoderArchitecture
 from drp_foundry.pruning.hf_injection import get_mask_module
-from drp_foundry.scheduling.policies import POLICIES, MixturePolicy, build_policy
+from drp_foundry.scheduling.policies import MixturePolicy
+from drp_foundry.scheduling.registry import build_policy, check_policy_config
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,12 @@ __all__ = ['DynamicLoading', 'apply_dynamic_loading', 'find_mixture_dataset', 'r
 
 _DATASET_CONTRACT = ('domain_names', 'proportions', 'set_proportions', 'samples_per_domain')
 _PLOT_NAME = 'mixture_trajectories.png'
+_CALLBACK_KEYS = ('policy', 'domain_names', 'reference_ratio', 'plot_folder', 'loss_metric', 'log_images')
+# the flat spelling before policies owned their keys (refused with the new form)
+_OLD_FLAT_KEYS = ('reference_losses', 'rho', 'min_ratio', 'floor_at_min_reference', 'ema_weight', 'eval_loss_ema',
+                  'update_interval', 'smoothing', 'floors_in_constraint', 'clamp_ratio_to_initial_range', 'clip_excess_at_zero', 'fit_start_fraction', 'ratio_start_fraction',
+                  'history_start_fraction', 'ratio_delta', 'max_ratio_factor', 'target_params', 'max_history_points',
+                  'min_fit_points', 'huber_delta', 'num_best_fits')
 
 
 def find_mixture_dataset(dataloader: Any) -> Any:
@@ -91,14 +100,6 @@ def _model_size(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _policy_keys(name: str) -> set[str]:
-    keys: set[str] = set()
-    for cls in POLICIES[name].__mro__:
-        if '__init__' in vars(cls) and cls is not object:
-            keys |= {p for p in inspect.signature(cls.__init__).parameters if p not in ('self', 'kwargs')}
-    return keys - {'domain_names', 'reference_ratio', 'total_steps'}  # total_steps comes from max_duration
-
-
 def apply_dynamic_loading(policy: MixturePolicy, dataset: Any, step: int, eval_losses: Sequence[float],
                           expected_params: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """One scheduler update without a Trainer: policy update on rank 0, broadcast, set the dataset's mixture.
@@ -125,76 +126,59 @@ class DynamicLoading(Callback):
     """Rewrites the train dataset's domain mixture after each evaluation.
 
     Args:
-        policy: ``constant``, ``sheared``, ``dro`` or ``drpruning``.
+        policy: ``{name: <policy>, <its keys>}``: ``constant``, ``sheared``, ``dro``,
+            ``drpruning`` or any policy registered under the entry-point group
+            ``drp_foundry_policies``. Its keys are the policy class's arguments
+            (``drp_foundry.scheduling.policies``); ``sheared`` and ``dro`` need
+            ``reference_losses`` ({domain: loss}), the losses expected of a model of the
+            *target* size (see ``drp_foundry.scheduling.reference_losses``). Default
+            ``{name: drpruning}``.
         domain_names: optional; must equal the train dataset's ``domain_names`` (same order).
         reference_ratio: p_R0 as a list (dataset order) or ``{domain: ratio}``; default: the
             train dataset's initial proportions. Must match them when given.
-        reference_losses: l_R per domain (list or mapping); required by ``sheared`` and
-            ``dro``; for ``drpruning`` the values used before the first fit.
         plot_folder: where the trajectory PNG goes (``{run_name}`` is filled in); '' or None
-            disables the plot.
+            disables the file (the image still goes to the loggers).
         loss_metric: the eval metric read per domain.
-        Every other key is passed to the policy (see ``drp_foundry.scheduling.policies``);
-        left at None it takes the policy's default. A key the chosen policy does not use
-        is an error.
+        log_images: also send the plot to Composer's loggers at the end of training
+            (``logger.log_images``, name ``drp/mixture_trajectories``).
+        The flat keys of earlier versions (``rho: ...`` beside ``policy``) are refused with
+        the new spelling.
     """
 
     def __init__(
         self,
-        policy: str = 'drpruning',
+        policy: Mapping[str, Any] | None = None,
         domain_names: Sequence[str] | None = None,
         reference_ratio: Sequence[float] | Mapping[str, float] | None = None,
-        reference_losses: Sequence[float] | Mapping[str, float] | None = None,
-        rho: float | None = None,
-        min_ratio: float | None = None,
-        floor_at_min_reference: bool | None = None,
-        ema_weight: float | None = None,
-        update_interval: int | None = None,
-        smoothing: float | None = None,
-        clip_excess_at_zero: bool | None = None,
-        fit_start_fraction: float | None = None,
-        ratio_start_fraction: float | None = None,
-        history_start_fraction: float | None = None,
-        ratio_delta: float | None = None,
-        max_ratio_factor: float | None = None,
-        target_params: float | None = None,
-        max_history_points: int | None = None,
-        min_fit_points: int | None = None,
-        huber_delta: float | None = None,
-        num_best_fits: int | None = None,
         plot_folder: str | None = '{run_name}/drp_dynamic_loading',
         loss_metric: str = 'LanguageCrossEntropy',
+        log_images: bool = True,
+        **old_keys: Any,
     ):
-        if policy not in POLICIES:
-            raise ValueError(f'drp_dynamic_loading.policy: unknown policy {policy!r}; choose one of {sorted(POLICIES)}')
-        given = dict(rho=rho, min_ratio=min_ratio, floor_at_min_reference=floor_at_min_reference,
-                     ema_weight=ema_weight, update_interval=update_interval, smoothing=smoothing,
-                     clip_excess_at_zero=clip_excess_at_zero, fit_start_fraction=fit_start_fraction,
-                     ratio_start_fraction=ratio_start_fraction, history_start_fraction=history_start_fraction,
-                     ratio_delta=ratio_delta, max_ratio_factor=max_ratio_factor, target_params=target_params,
-                     max_history_points=max_history_points, min_fit_points=min_fit_points, huber_delta=huber_delta,
-                     num_best_fits=num_best_fits)
-        self.policy_kwargs = {key: value for key, value in given.items() if value is not None}
-        accepted = _policy_keys(policy)
-        unused = sorted(set(self.policy_kwargs) - accepted)
-        if unused:
-            raise ValueError(f'drp_dynamic_loading: {unused} are not keys of policy {policy!r} (its keys: '
-                             f'{sorted(accepted)}); remove them or change `policy`')
-        if reference_losses is not None and 'reference_losses' not in accepted:
-            raise ValueError(f'drp_dynamic_loading.reference_losses is not used by policy {policy!r}; remove it')
-        if policy in ('sheared', 'dro') and reference_losses is None:
-            raise ValueError(f'drp_dynamic_loading.reference_losses is required by policy {policy!r} '
-                             '(one loss per domain, or {domain: loss})')
-        self.policy_name = policy
+        if old_keys or isinstance(policy, str):
+            flat = {key: value for key, value in old_keys.items() if key in _OLD_FLAT_KEYS}
+            unknown = sorted(set(old_keys) - set(flat))
+            if unknown:
+                raise ValueError(f'drp_dynamic_loading: unknown keys {unknown}; the callback\'s keys are '
+                                 f'{sorted(_CALLBACK_KEYS)} and the policy\'s keys go inside `policy`')
+            name = policy if isinstance(policy, str) else 'drpruning'
+            example = ', '.join([f'name: {name}'] + [f'{key}: {value}' for key, value in flat.items()])
+            raise ValueError(f'drp_dynamic_loading: the policy and its settings ({sorted(flat) or "policy"}) now go in '
+                             f'one mapping; write `policy: {{{example}}}` (keys of each policy: '
+                             'drp_foundry.scheduling.policies)')
+        self.policy_config = dict(policy) if policy is not None else {'name': 'drpruning'}
+        check_policy_config(self.policy_config, domain_names, where='drp_dynamic_loading.policy')
+        self.policy_name = str(self.policy_config['name'])
         self.domain_names = None if domain_names is None else list(domain_names)
         self.reference_ratio = reference_ratio
-        self.reference_losses = reference_losses
         self.plot_folder = plot_folder or None
         self.loss_metric = loss_metric
+        self.log_images = bool(log_images)
         self.policy: MixturePolicy | None = None
         self.trajectory: list[dict[str, Any]] = []
         self._pending_state: dict[str, Any] | None = None
         self._constant_params: float | None = None
+        self._last_written_step = self._last_logged_step = -1
         if self.domain_names is not None and reference_ratio is not None:
             self.policy = self._build_policy(self.domain_names)  # fail on bad values now, not at the first eval
 
@@ -218,13 +202,7 @@ class DynamicLoading(Callback):
             ratio = default_ratio
         else:
             ratio = self._ordered(self.reference_ratio, domain_names, 'reference_ratio')
-        kwargs = dict(self.policy_kwargs)
-        if self.reference_losses is not None:
-            kwargs['reference_losses'] = self._ordered(self.reference_losses, domain_names, 'reference_losses')
-        try:
-            return build_policy(self.policy_name, domain_names, ratio, **kwargs)
-        except ValueError as error:
-            raise ValueError(f'drp_dynamic_loading: {error}') from error
+        return build_policy(self.policy_config, domain_names, ratio, where='drp_dynamic_loading.policy')
 
     def _setup(self, state: State) -> None:
         """Validate against the train dataset and build the policy (BEFORE_LOAD and FIT_START)."""
@@ -298,14 +276,17 @@ class DynamicLoading(Callback):
         dataset = find_mixture_dataset(state.train_dataloader)
         step = state.timestamp.batch.value
         losses = read_eval_losses(state, self.policy.domain_names, self.loss_metric)
-        q, diagnostics = apply_dynamic_loading(self.policy, dataset, step, losses, self._expected_params(state))
+        expected_params = self._expected_params(state)
+        q, diagnostics = apply_dynamic_loading(self.policy, dataset, step, losses, expected_params)
         if diagnostics.get('skipped'):
             return
-        self.trajectory.append({key: diagnostics.get(key) for key in (
-            'step', 'eval_losses', 'ema_losses', 'reference_losses', 'excess_losses', 'q', 'p_ref')})
+        point = {key: diagnostics.get(key) for key in (
+            'step', 'eval_losses', 'ema_losses', 'reference_losses', 'excess_losses', 'q', 'p_ref')}
+        point['expected_params'] = float(expected_params)
+        self.trajectory.append(point)
         logger.log_metrics(self._metrics(diagnostics))
         if step >= self.policy.total_steps:
-            self._write_plot(state)
+            self._write_plot(state, logger)  # the last update: the file and the loggers' image
 
     def _metrics(self, diagnostics: dict[str, Any]) -> dict[str, float]:
         metrics: dict[str, float] = {'drp/num_warnings': float(len(diagnostics['warnings']))}
@@ -330,20 +311,21 @@ class DynamicLoading(Callback):
             return None
         return os.path.join(self.plot_folder.format(run_name=state.run_name), _PLOT_NAME)
 
-    def _write_plot(self, state: State) -> None:
-        path = self.plot_path(state)
-        if path is None or not self.trajectory or dist.get_global_rank() != 0:
-            return
+    def render_plot(self, title: str = '') -> np.ndarray | None:
+        """The trajectories as an RGB image (H, W, 3) uint8: eval / reference loss, excess loss,
+        mixture q, reference ratio p_R and the expected parameter count (None before any update)."""
+        if not self.trajectory or self.policy is None:
+            return None
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        figure = Figure(figsize=(12, 8))
-        FigureCanvasAgg(figure)
+        figure = Figure(figsize=(15, 8))
+        canvas = FigureCanvasAgg(figure)
         steps = [point['step'] for point in self.trajectory]
         panels = (('eval_losses', 'eval loss (solid) / reference loss (dashed)'), ('excess_losses', 'excess loss'),
                   ('q', 'mixture q'), ('p_ref', 'reference ratio p_R'))
-        axes = figure.subplots(2, 2, sharex=True).ravel()
-        for ax, (key, title) in zip(axes, panels):
+        axes = figure.subplots(2, 3, sharex=True).ravel()
+        for ax, (key, panel_title) in zip(axes, panels):
             for i, domain in enumerate(self.policy.domain_names):
                 values = [np.nan if p.get(key) is None or p[key][i] is None else p[key][i] for p in self.trajectory]
                 (line,) = ax.plot(steps, values, label=domain)
@@ -351,13 +333,43 @@ class DynamicLoading(Callback):
                     refs = [np.nan if p.get('reference_losses') is None or p['reference_losses'][i] is None else
                             p['reference_losses'][i] for p in self.trajectory]
                     ax.plot(steps, refs, linestyle='--', color=line.get_color())
-            ax.set_title(title)
+            ax.set_title(panel_title)
             ax.set_xlabel('step')
+        size_ax = axes[4]
+        size_ax.plot(steps, [p.get('expected_params', np.nan) for p in self.trajectory], label='expected')
+        target = getattr(self.policy, 'target_params', None)
+        if target:
+            size_ax.axhline(target, linestyle='--', color='gray', label='target')
+        size_ax.set_title('expected parameter count P')
+        size_ax.set_xlabel('step')
+        size_ax.legend(fontsize='small')
+        axes[5].axis('off')
         axes[0].legend(fontsize='small')
-        figure.suptitle(f'drp_dynamic_loading ({self.policy_name}) - {state.run_name}')
+        figure.suptitle(f'drp_dynamic_loading ({self.policy_name}) {title}')
         figure.tight_layout()
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        figure.savefig(path, dpi=100)
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+    def _write_plot(self, state: State, logger: Logger | None = None) -> None:
+        """Refresh the PNG (each checkpoint event with a new update); with ``logger`` (the end of
+        training) also send the image to the loggers, once per new update."""
+        if not self.trajectory or dist.get_global_rank() != 0:
+            return
+        step = int(self.trajectory[-1]['step'])
+        path = self.plot_path(state)
+        write_file = path is not None and step != self._last_written_step
+        send = self.log_images and logger is not None and step != self._last_logged_step
+        if not (write_file or send):
+            return
+        image = self.render_plot(f'- {state.run_name}')
+        if write_file:
+            from matplotlib.image import imsave
+            os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+            imsave(path, image)
+            self._last_written_step = step
+        if send:
+            logger.log_images(image, name='drp/mixture_trajectories', channels_last=True, step=step)
+            self._last_logged_step = step
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         self._write_plot(state)
@@ -369,7 +381,7 @@ class DynamicLoading(Callback):
         self._write_plot(state)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        self._write_plot(state)
+        self._write_plot(state, logger)
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -13,6 +13,13 @@ support S (the domains with g_i > eta) chi2 is a closed-form function of eta, so
 is computed for every candidate support at once (``dro_threshold``). Then ``apply_floors``
 keeps every domain trained (research code: q_i / p_ref_i >= 0.2 and q_i >= min p_ref).
 
+Where the ratio floor goes: the research code applies q_i / p_i >= 0.2 *inside* the
+constraint (its bisection finds the eta at which the floored mixture has chi2 = rho) and the
+min p_R floor after it; ``floored_worst_case_mixture`` does the same (default of
+``robust_mixture``). ``floors_in_constraint=False`` (ours, the first version) solves the
+unfloored problem exactly and floors afterwards, which leaves the floored mixture inside the
+ball: it moves less than the research code's (by up to 0.06 in q on random 2-7 domain cases).
+
 Pure numpy; no Composer import.
 """
 
@@ -20,7 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ['chi_square_divergence', 'dro_threshold', 'worst_case_mixture', 'apply_floors', 'robust_mixture']
+__all__ = ['chi_square_divergence', 'dro_threshold', 'worst_case_mixture', 'floored_worst_case_mixture',
+           'apply_floors', 'robust_mixture']
 
 
 def _check_simplex(p: np.ndarray, name: str) -> None:
@@ -104,6 +112,49 @@ def worst_case_mixture(excess: np.ndarray, p_ref: np.ndarray, rho: float) -> np.
     return weights / weights.sum()
 
 
+def floored_worst_case_mixture(excess: np.ndarray, p_ref: np.ndarray, rho: float, min_ratio: float = 0.2,
+                               iterations: int = 200) -> np.ndarray:
+    """The research code's DRO step: q(eta) = floor(p (g - eta)_+), floored at q_i / p_i >= min_ratio
+    and renormalised, with eta such that chi2(q(eta), p_R) = rho (bisection; chi2 grows with eta).
+
+    If even the most concentrated floored mixture has chi2 < rho, that mixture is returned.
+    """
+    g = np.asarray(excess, dtype=np.float64)
+    p = np.asarray(p_ref, dtype=np.float64)
+    _check_simplex(p, 'p_ref')
+    if g.shape != p.shape or not np.all(np.isfinite(g)):
+        raise ValueError(f'excess losses must be finite with the shape of p_ref {p.shape}, got {g.tolist()}')
+    if not rho > 0:
+        raise ValueError(f'rho must be > 0, got {rho}')
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f'min_ratio must be in [0, 1], got {min_ratio}')
+    g = g - g.max()  # shift-invariant; the top domain sits at 0
+
+    def mixture(eta: float) -> np.ndarray:
+        weights = p * np.maximum(g - eta, 0.0)
+        if weights.sum() <= 0:
+            weights = np.where(g == 0.0, p, 0.0)
+        ratio = np.maximum(weights / weights.sum() / p, min_ratio)
+        return ratio * p / np.sum(ratio * p)
+
+    def excess_divergence(eta: float) -> float:
+        return chi_square_divergence(mixture(eta), p) - rho
+
+    high = -1e-12 * max(1.0, float(-g.min()))
+    if excess_divergence(high) <= 0:
+        return mixture(high)
+    low = -(float(-g.min()) + 1.0) / (np.sqrt(2.0 * rho + 1.0) - 1.0)
+    while excess_divergence(low) > 0:
+        low *= 2.0
+    for _ in range(iterations):
+        middle = 0.5 * (low + high)
+        if excess_divergence(middle) > 0:
+            high = middle
+        else:
+            low = middle
+    return mixture(0.5 * (low + high))
+
+
 def apply_floors(q: np.ndarray, p_ref: np.ndarray, min_ratio: float = 0.2,
                  floor_at_min_reference: bool = True) -> np.ndarray:
     """Keep every domain trained: q_i / p_R,i >= min_ratio, then q_i >= min_j p_R,j.
@@ -124,7 +175,15 @@ def apply_floors(q: np.ndarray, p_ref: np.ndarray, min_ratio: float = 0.2,
 
 
 def robust_mixture(excess: np.ndarray, p_ref: np.ndarray, rho: float = 0.1, min_ratio: float = 0.2,
-                   floor_at_min_reference: bool = True) -> np.ndarray:
-    """The mixture the DRO scheduler trains on: ``worst_case_mixture`` then ``apply_floors``."""
+                   floor_at_min_reference: bool = True, floors_in_constraint: bool = True) -> np.ndarray:
+    """The mixture the DRO scheduler trains on.
+
+    Default (research code): ``floored_worst_case_mixture`` (ratio floor inside the constraint),
+    then the min p_R floor. ``floors_in_constraint=False`` (ours): ``worst_case_mixture``, then
+    both floors.
+    """
+    if floors_in_constraint:
+        q = floored_worst_case_mixture(excess, p_ref, rho, min_ratio)
+        return apply_floors(q, p_ref, 0.0, floor_at_min_reference)
     q = worst_case_mixture(excess, p_ref, rho)
     return apply_floors(q, p_ref, min_ratio, floor_at_min_reference)

@@ -1,16 +1,30 @@
 """Domain-mixture policies: how the training mixture q changes after each evaluation.
 
-Four policies, one interface (``MixturePolicy``), created by name with ``build_policy``:
+Four policies, one interface (``MixturePolicy``). Each policy is one class whose
+``__init__`` keyword arguments are its config keys (``policy: {name: dro, rho: 0.1}``);
+``drp_foundry.scheduling.registry`` finds the classes by name (entry-point group
+``drp_foundry_policies``), so a new policy is one subclass in one file plus one entry point.
 
 - ``constant``: q = p_R0 always.
 - ``sheared`` (Sheared LLaMA, Xia et al. 2024, Alg. 1): q <- softmax(log q_prev + Delta),
   then q <- (1 - c) q + c / n with c = 1e-4, Delta = loss - fixed reference loss, clipped
   at zero as in the Sheared LLaMA paper (the research code does not clip: a key).
-- ``dro``: chi-square DRO (paper eq. 2-3, 5) on the excess losses g = EMA(loss) - l_R,
+- ``dro``: chi-square DRO (paper eq. 2-3, 5) on the excess losses g = loss - l_R,
   fixed reference losses l_R and fixed reference ratio p_R.
 - ``drpruning``: ``dro`` plus the dynamic reference loss (paper §3.2, eq. 4: per-domain
   scaling-law fit from ``fit_start_fraction`` of training, "adopt the minimum") and the
   dynamic reference ratio (§3.3, eq. 6, from ``ratio_start_fraction``).
+
+Loss signal: the research code's eval mode (DRPruning ``use_eval``, Sheared LLaMA) feeds the
+raw per-domain eval loss of each evaluation to the update; that is the default here. The
+research code's other mode (an EMA of per-domain *train* losses, weight 0.1 per training
+step) is not implemented. ``eval_loss_ema`` < 1 (ours, not the paper's) smooths the eval
+losses across updates instead: l <- (1 - w) l + w * new eval loss.
+
+Reference losses (``reference_losses``) are the losses a model of the *target* size is
+expected to reach (Sheared LLaMA: a scaling-law prediction at the target size), not the
+source model's losses; ``drp_foundry.scheduling.reference_losses`` derives them from a
+constant-policy pilot at the target size or from a per-domain fit over source sizes.
 
 ``update(step, eval_losses, samples_per_domain, expected_params)`` returns the new q (a
 float64 array on the simplex) and leaves a ``last_diagnostics`` dict (losses, reference
@@ -31,7 +45,7 @@ import abc
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,8 +56,7 @@ from drp_foundry.scheduling.scaling_law_fit import MIN_POINTS, fit_scaling_laws
 
 log = logging.getLogger(__name__)
 
-__all__ = ['MixturePolicy', 'ConstantPolicy', 'ShearedPolicy', 'DROPolicy', 'DRPruningPolicy', 'POLICIES',
-           'build_policy']
+__all__ = ['MixturePolicy', 'ConstantPolicy', 'ShearedPolicy', 'DROPolicy', 'DRPruningPolicy', 'BUILTIN_POLICIES']
 
 
 def _as_ratio(values: Sequence[float], num_domains: int, key: str) -> np.ndarray:
@@ -57,7 +70,15 @@ def _as_ratio(values: Sequence[float], num_domains: int, key: str) -> np.ndarray
     return ratio / ratio.sum()
 
 
-def _as_losses(values: Sequence[float], num_domains: int, key: str) -> np.ndarray:
+def _as_losses(values: Sequence[float] | Mapping[str, float], domain_names: Sequence[str], key: str) -> np.ndarray:
+    num_domains = len(domain_names)
+    if isinstance(values, Mapping):
+        missing = [d for d in domain_names if d not in values]
+        extra = [d for d in values if d not in domain_names]
+        if missing or extra:
+            raise ValueError(f'`{key}`: domains {sorted(values)} do not match the dataset domains '
+                             f'{list(domain_names)} (missing {missing}, unknown {extra})')
+        values = [values[d] for d in domain_names]
     losses = np.asarray(values, dtype=np.float64)
     if losses.shape != (num_domains,):
         raise ValueError(f'`{key}` must have one entry per domain ({num_domains}), got {list(values)}')
@@ -80,7 +101,8 @@ class MixturePolicy(abc.ABC):
         reference_ratio: p_R0, the initial (reference) mixture; also q before any update.
         total_steps: training length in batches (needed by fraction-based timing keys;
             the callback sets it from ``max_duration``).
-        ema_weight: weight of the newest eval loss in the loss EMA (1.0 = no smoothing).
+        eval_loss_ema: weight of the newest eval loss in an EMA across updates (ours);
+            1.0 (default) uses the raw eval loss, as the research code does in eval mode.
         update_interval: minimum number of steps between two updates; evaluations in
             between leave q, the loss EMA and the history unchanged.
     """
@@ -88,20 +110,20 @@ class MixturePolicy(abc.ABC):
     name = 'base'
 
     def __init__(self, domain_names: Sequence[str], reference_ratio: Sequence[float], total_steps: int | None = None,
-                 ema_weight: float = 0.1, update_interval: int = 1):
+                 eval_loss_ema: float = 1.0, update_interval: int = 1):
         if len(domain_names) == 0 or len(set(domain_names)) != len(domain_names):
             raise ValueError(f'`domain_names` must be non-empty and unique, got {list(domain_names)}')
         self.domain_names = list(domain_names)
         self.num_domains = len(self.domain_names)
         self.p_ref_initial = _as_ratio(reference_ratio, self.num_domains, 'reference_ratio')
-        if not 0.0 < ema_weight <= 1.0:
-            raise ValueError(f'`ema_weight` must be in (0, 1], got {ema_weight}')
+        if not 0.0 < eval_loss_ema <= 1.0:
+            raise ValueError(f'`eval_loss_ema` must be in (0, 1] (1 = raw eval loss), got {eval_loss_ema}')
         if update_interval < 1:
             raise ValueError(f'`update_interval` must be >= 1 step, got {update_interval}')
         if total_steps is not None and total_steps < 1:
             raise ValueError(f'`total_steps` must be >= 1, got {total_steps}')
         self.total_steps = total_steps
-        self.ema_weight = float(ema_weight)
+        self.eval_loss_ema = float(eval_loss_ema)
         self.update_interval = int(update_interval)
         self.p_ref = self.p_ref_initial.copy()
         self.q = self.p_ref_initial.copy()
@@ -136,7 +158,7 @@ class MixturePolicy(abc.ABC):
         first = finite & np.isnan(self.ema_losses)
         self.ema_losses[first] = losses[first]
         again = finite & ~first
-        self.ema_losses[again] = (1.0 - self.ema_weight) * self.ema_losses[again] + self.ema_weight * losses[again]
+        self.ema_losses[again] = (1.0 - self.eval_loss_ema) * self.ema_losses[again] + self.eval_loss_ema * losses[again]
         self.last_update_step = int(step)
         self.num_updates += 1
 
@@ -217,16 +239,17 @@ class ShearedPolicy(MixturePolicy):
 
     Delta_i = loss_i - l_R,i (clipped at 0 when ``clip_excess_at_zero``, as in Sheared
     LLaMA's Alg. 1; the research code does not clip), q <- softmax(log q_prev + Delta),
-    q <- (1 - c) q + c / n with ``smoothing`` c = 1e-4. By default the raw eval loss is used
-    (``ema_weight`` = 1.0), as in Sheared LLaMA.
+    q <- (1 - c) q + c / n with ``smoothing`` c = 1e-4, on the raw eval loss (as in Sheared LLaMA).
     """
 
     name = 'sheared'
 
-    def __init__(self, domain_names, reference_ratio, reference_losses: Sequence[float], smoothing: float = 1e-4,
-                 clip_excess_at_zero: bool = True, ema_weight: float = 1.0, **kwargs):
-        super().__init__(domain_names, reference_ratio, ema_weight=ema_weight, **kwargs)
-        self.reference_losses = _as_losses(reference_losses, self.num_domains, 'reference_losses')
+    def __init__(self, domain_names, reference_ratio, reference_losses: Sequence[float] | Mapping[str, float] | None = None,
+                 smoothing: float = 1e-4, clip_excess_at_zero: bool = True, **kwargs):
+        super().__init__(domain_names, reference_ratio, **kwargs)
+        if reference_losses is None:
+            raise ValueError('the `sheared` policy needs `reference_losses` ({domain: loss of a target-size model})')
+        self.reference_losses = _as_losses(reference_losses, self.domain_names, 'reference_losses')
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f'`smoothing` must be in [0, 1], got {smoothing}')
         self.smoothing = float(smoothing)
@@ -256,17 +279,20 @@ class DROPolicy(MixturePolicy):
         rho: radius of the chi-square ball (paper: 0.1).
         min_ratio: floor on q_i / p_R,i (research code 0.2).
         floor_at_min_reference: also floor q_i at min_j p_R,j (research code: on).
+        floors_in_constraint: the ratio floor inside the chi-square constraint, as the
+            research code does (default); False (ours, earlier default) floors after solving.
     """
 
     name = 'dro'
 
-    def __init__(self, domain_names, reference_ratio, reference_losses: Sequence[float] | None, rho: float = 0.1,
-                 min_ratio: float = 0.2, floor_at_min_reference: bool = True, ema_weight: float = 0.1, **kwargs):
-        super().__init__(domain_names, reference_ratio, ema_weight=ema_weight, **kwargs)
+    def __init__(self, domain_names, reference_ratio, reference_losses: Sequence[float] | Mapping[str, float] | None = None,
+                 rho: float = 0.1, min_ratio: float = 0.2, floor_at_min_reference: bool = True,
+                 floors_in_constraint: bool = True, **kwargs):
+        super().__init__(domain_names, reference_ratio, **kwargs)
         self.reference_losses = (None if reference_losses is None else _as_losses(
-            reference_losses, self.num_domains, 'reference_losses'))
+            reference_losses, self.domain_names, 'reference_losses'))
         if self.reference_losses is None and self.name == 'dro':
-            raise ValueError('the `dro` policy needs `reference_losses` (one per domain)')
+            raise ValueError('the `dro` policy needs `reference_losses` ({domain: loss of a target-size model})')
         if not rho > 0:
             raise ValueError(f'`rho` must be > 0, got {rho}')
         if not 0.0 <= min_ratio <= 1.0:
@@ -274,6 +300,7 @@ class DROPolicy(MixturePolicy):
         self.rho = float(rho)
         self.min_ratio = float(min_ratio)
         self.floor_at_min_reference = bool(floor_at_min_reference)
+        self.floors_in_constraint = bool(floors_in_constraint)
 
     def _mixture(self, step, losses, finite, samples_per_domain, expected_params, diagnostics):
         if not self._have_all_losses(diagnostics):
@@ -286,7 +313,8 @@ class DROPolicy(MixturePolicy):
         if np.all(excess < 0):
             diagnostics['warnings'].append('every excess loss is negative (reference losses above the current '
                                            'losses); the DRO mixture follows their differences')
-        return robust_mixture(excess, self.p_ref, self.rho, self.min_ratio, self.floor_at_min_reference)
+        return robust_mixture(excess, self.p_ref, self.rho, self.min_ratio, self.floor_at_min_reference,
+                              self.floors_in_constraint)
 
 
 class DRPruningPolicy(DROPolicy):
@@ -302,7 +330,8 @@ class DRPruningPolicy(DROPolicy):
          ``reference_losses`` are placeholders), to min(l_R,i, prediction) afterwards;
       3. q = DRO(EMA(loss) - l_R, p_R) with the floors; without ``reference_losses``, q = p_R
          until every domain has been fitted;
-      4. from ``ratio_start_fraction``, p_R <- eq. 6 with ``ratio_delta`` and ``max_ratio_factor``.
+      4. from ``ratio_start_fraction``, p_R <- eq. 6 with ``ratio_delta`` and ``max_ratio_factor``,
+         then (``clamp_ratio_to_initial_range``, research code) within [min p_R0, max p_R0].
 
     Defaults: fits from 20%, ratio from 40% (paper); the research code uses 10% / 20%
     and starts the history at 2% (our default for ``history_start_fraction``).
@@ -314,7 +343,8 @@ class DRPruningPolicy(DROPolicy):
                  fit_start_fraction: float = 0.2, ratio_start_fraction: float = 0.4,
                  history_start_fraction: float = 0.02, ratio_delta: float = 0.1, max_ratio_factor: float = 2.0,
                  target_params: float | None = None, max_history_points: int = 64, min_fit_points: int = MIN_POINTS,
-                 huber_delta: float = 1e-3, num_best_fits: int = 3, **kwargs):
+                 huber_delta: float = 1e-3, num_best_fits: int = 3, clamp_ratio_to_initial_range: bool = True,
+                 **kwargs):
         super().__init__(domain_names, reference_ratio, reference_losses, **kwargs)
         self.fit_start_fraction = _check_fraction(fit_start_fraction, 'fit_start_fraction')
         self.ratio_start_fraction = _check_fraction(ratio_start_fraction, 'ratio_start_fraction')
@@ -335,6 +365,7 @@ class DRPruningPolicy(DROPolicy):
         self.min_fit_points = int(min_fit_points)
         self.huber_delta = float(huber_delta)
         self.num_best_fits = int(num_best_fits)
+        self.clamp_ratio_to_initial_range = bool(clamp_ratio_to_initial_range)
         self.history: list[list[list[float]]] = [[] for _ in self.domain_names]  # per domain: [T, P, loss]
         self.fitted = [False] * self.num_domains
         self.fits: list[dict[str, float] | None] = [None] * self.num_domains
@@ -370,7 +401,7 @@ class DRPruningPolicy(DROPolicy):
             q = self._dro_mixture(diagnostics)
         if q is not None and fraction >= self.ratio_start_fraction:
             self.p_ref = update_reference_ratio(self.p_ref, q, self.p_ref_initial, self.ratio_delta,
-                                                self.max_ratio_factor)
+                                                self.max_ratio_factor, self.clamp_ratio_to_initial_range)
         diagnostics['reference_losses'] = self.reference_losses.tolist()
         diagnostics['fits'] = list(self.fits)
         return q
@@ -429,19 +460,5 @@ class DRPruningPolicy(DROPolicy):
         self.fits = [None if f is None else dict(f) for f in state['fits']]
 
 
-POLICIES: dict[str, type[MixturePolicy]] = {
-    'constant': ConstantPolicy,
-    'sheared': ShearedPolicy,
-    'dro': DROPolicy,
-    'drpruning': DRPruningPolicy,
-}
-
-
-def build_policy(name: str, domain_names: Sequence[str], reference_ratio: Sequence[float], **kwargs) -> MixturePolicy:
-    """Create a policy by name (``constant``, ``sheared``, ``dro``, ``drpruning``) with its keys."""
-    if name not in POLICIES:
-        raise ValueError(f'unknown `policy` {name!r}; choose one of {sorted(POLICIES)}')
-    try:
-        return POLICIES[name](domain_names, reference_ratio, **kwargs)
-    except TypeError as error:
-        raise ValueError(f'bad keys for policy {name!r}: {error}') from error
+BUILTIN_POLICIES: dict[str, type[MixturePolicy]] = {
+    cls.name: cls for cls in (ConstantPolicy, ShearedPolicy, DROPolicy, DRPruningPolicy)}

@@ -5,6 +5,8 @@ Eq. 6 moves p_R toward the mixture the DRO step just chose,
     p_R <- delta * q + (1 - delta) * p_R,          delta = 0.1,
 
 and keeps it within a factor ``n`` of the initial ratio p_R0: p_R0 / n <= p_R <= n * p_R0.
+The research code then also clamps p_R to [min p_R0, max p_R0] (``clamp_to_initial_range``,
+on by default), so no domain's reference weight leaves the range of the initial weights.
 The paper writes the factor as n; the research code hard-codes 2. Our default is
 ``max_factor = 2.0`` (the value behind the published results); it is a config key.
 Instead of "clamp, then renormalise" (which can push entries back out of the box) the
@@ -52,15 +54,24 @@ def project_to_box_simplex(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, 
 
 
 def update_reference_ratio(p_ref: np.ndarray, q: np.ndarray, p_ref_initial: np.ndarray, delta: float = 0.1,
-                           max_factor: float = 2.0) -> np.ndarray:
-    """Paper eq. 6: p_R <- delta q + (1 - delta) p_R, kept in [p_R0 / n, n p_R0], summing to one."""
+                           max_factor: float = 2.0, clamp_to_initial_range: bool = True) -> np.ndarray:
+    """Paper eq. 6: p_R <- delta q + (1 - delta) p_R, kept in [p_R0 / n, n p_R0], summing to one.
+
+    With ``clamp_to_initial_range`` (research code) the box is also intersected with
+    [min p_R0, max p_R0]; clamp and renormalisation are solved together (the research code
+    clamps and renormalises twice in a row, which agrees whenever its result is in the box).
+    """
     if not 0.0 <= delta <= 1.0:
         raise ValueError(f'delta must be in [0, 1], got {delta}')
     if not max_factor >= 1.0:
         raise ValueError(f'max_factor (the paper\'s n) must be >= 1, got {max_factor}')
     p_ref_initial = np.asarray(p_ref_initial, dtype=np.float64)
     mixed = delta * np.asarray(q, dtype=np.float64) + (1.0 - delta) * np.asarray(p_ref, dtype=np.float64)
-    return project_to_box_simplex(mixed, p_ref_initial / max_factor, p_ref_initial * max_factor)
+    lower, upper = p_ref_initial / max_factor, p_ref_initial * max_factor
+    if clamp_to_initial_range:
+        lower = np.maximum(lower, p_ref_initial.min())
+        upper = np.minimum(upper, p_ref_initial.max())
+    return project_to_box_simplex(mixed, lower, upper)
 
 
 def temperature_smoothed_ratio(sizes: np.ndarray, exponent: float = 0.3) -> np.ndarray:
