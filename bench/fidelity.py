@@ -10,8 +10,14 @@ learning rates and eval cadence; only ``variables.policy`` differs::
     evaluate_domains(model, eval data)             per-domain loss on held-out text
 
 The reference losses of ``sheared`` and ``dro`` (and ``drpruning``'s values before its first
-scaling-law fit) are the source model's per-domain losses on the eval batch the scheduler
-sees during training, measured once before any run (the same numbers for every policy).
+scaling-law fit) are target-size losses from a constant-policy pilot: the ``constant`` run of
+the first seed goes first, and its final model's per-domain loss on the scheduler's steering
+batches is the reference for every other policy (the same numbers for all). The scheduler
+steers on the first ``steer_batches`` batches of each domain's eval split; the held-out score
+uses the batches after them, which the scheduler never sees.
+(An earlier version used the source model's losses as references and one steering batch that
+was also scored; see docs/RESULTS.md for its numbers. This version has not been rerun: about
+80 min on 2 CPU cores per seed.)
 The scheduler's hyperparameters are the paper's defaults; the time-based ones are fractions
 of the run (Lagrangian and LR warm-up, fit / ratio / history start) or the eval cadence.
 
@@ -78,6 +84,7 @@ class StudySettings:
     eval_batch_size: int
     precision: str
     eval_tokens: int
+    steer_batches: int
     save_every: int
     prune_yaml: str
     continue_yaml: str
@@ -97,9 +104,11 @@ class StudySettings:
             f'{self.save_every} steps; precision {self.precision}',
             (f'continued pretraining: {self.continue_steps} steps, update every {self.continue_eval_every}'
              if self.continue_steps else 'continued pretraining: off (--continue-steps 0)'),
+            f'scheduler steering: the first {self.steer_batches} batches of {self.eval_batch_size} x '
+            f'{self.max_seq_len} tokens of each domain\'s eval split',
             f'held-out eval: {self.eval_tokens:,} tokens per domain requested '
             f'({eval_batches(self)} batches of {self.eval_batch_size} x {self.max_seq_len}) from '
-            f'{self.eval_data} (split {self.eval_split})',
+            f'{self.eval_data} (split {self.eval_split}, after the steering batches)',
             f'recipes: {self.prune_yaml}, {self.continue_yaml}; source model {self.source}',
         ]
         if self.prune_set or self.continue_set:
@@ -113,12 +122,14 @@ SCALES: dict[str, dict[str, Any]] = {
     # Measured here (2 CPU cores, SmolLM2-135M with masks, 4 x 128 tokens): 3.0 s per train step, 7.3 s per
     # in-run eval of the 7 domains, ~20 s to start a run, 7 s per export, 28 s per held-out eval of a pruned
     # model: about 14 min per policy, 58 min for four on an idle machine.
-    'cpu': dict(prune_steps=160, eval_every=4, continue_steps=0, continue_eval_every=10, max_seq_len=128,
+    # Signal: 4 steering batches (4,096 tokens) per domain and an update every 8 steps (was 1 batch every 4),
+    # plus 80 steps of continued pretraining with the scheduler on.
+    'cpu': dict(prune_steps=160, eval_every=8, continue_steps=80, continue_eval_every=8, max_seq_len=128,
                 batch_size=4, microbatch_size=4, eval_batch_size=8, precision='fp32', eval_tokens=8192,
-                save_every=40),
+                steer_batches=4, save_every=40),
     'gpu': dict(prune_steps=3200, eval_every=50, continue_steps=4000, continue_eval_every=400, max_seq_len=4096,
                 batch_size=32, microbatch_size=8, eval_batch_size=8, precision='amp_bf16', eval_tokens=262144,
-                save_every=400),
+                steer_batches=8, save_every=400),
 }
 
 
@@ -194,6 +205,25 @@ def evaluate(model_dir: Path | str, data_root: Path | str, domains: list[str], s
                             batch_size=settings.eval_batch_size, max_batches=max_batches)
 
 
+def score(model_dir: Path | str, domains: list[str], settings: StudySettings) -> dict[str, float]:
+    """Held-out per-domain loss on the batches the scheduler never reads.
+
+    On the training data's own eval split (the default), the scheduler steers on its first
+    ``steer_batches`` batches: the score is the mean over the next ``eval_batches`` batches,
+    (n_all L_all - n_steer L_steer) / n_score, exact because every batch is full (data_prep
+    writes max_seq_len-token samples and the split holds steer + score batches). On another
+    ``--eval-data`` / ``--eval-split`` the whole requested range is scored.
+    """
+    n_score = eval_batches(settings)
+    if not (Path(settings.eval_data) == Path(settings.data_root) and settings.eval_split == 'eval'):
+        return evaluate(model_dir, settings.eval_data, domains, settings, max_batches=n_score,
+                        split=settings.eval_split)
+    n_steer = settings.steer_batches
+    full = evaluate(model_dir, settings.data_root, domains, settings, max_batches=n_steer + n_score)
+    steer = evaluate(model_dir, settings.data_root, domains, settings, max_batches=n_steer)
+    return {d: ((n_steer + n_score) * full[d] - n_steer * steer[d]) / n_score for d in domains}
+
+
 def eval_tokens_per_domain(data_root: Path, domains: list[str], split: str, settings: StudySettings) -> dict[str, int]:
     """Tokens each domain's held-out eval actually scores (its split may hold fewer samples than asked)."""
     out = {}
@@ -203,7 +233,12 @@ def eval_tokens_per_domain(data_root: Path, domains: list[str], split: str, sett
             raise SystemExit(f'--eval-data: no {index}; point --eval-data at a data_prep output that has a '
                              f'{split!r} split for every domain {domains}')
         samples = sum(shard['samples'] for shard in json.loads(index.read_text())['shards'])
-        out[domain] = min(samples, eval_batches(settings) * settings.eval_batch_size) * settings.max_seq_len
+        steer = settings.steer_batches * settings.eval_batch_size if split == 'eval' else 0
+        if split == 'eval' and samples < steer + eval_batches(settings) * settings.eval_batch_size:
+            raise SystemExit(f'{index}: {samples} eval samples, fewer than the {steer} steering + '
+                             f'{eval_batches(settings) * settings.eval_batch_size} scored ones; rebuild the data '
+                             '(delete WORK/data) or lower --eval-tokens / --steer-batches')
+        out[domain] = min(samples - steer, eval_batches(settings) * settings.eval_batch_size) * settings.max_seq_len
     return out
 
 
@@ -245,7 +280,7 @@ def training_domains(yaml_path: str, overrides: list[str]) -> tuple[list[str], l
 
 # -- one (policy, seed) ----------------------------------------------------------------------------------
 def _overrides(settings: StudySettings, policy: str, seed: int, run_dir: Path, run_name: str, steps: int,
-               eval_every: int, reference_losses: dict[str, float]) -> dict[str, object]:
+               eval_every: int, reference_losses: dict[str, float] | None) -> dict[str, object]:
     save_every = max(eval_every, settings.save_every // eval_every * eval_every)
     overrides: dict[str, object] = {
         'variables.data_root': settings.data_root, 'variables.max_seq_len': settings.max_seq_len,
@@ -258,6 +293,7 @@ def _overrides(settings: StudySettings, policy: str, seed: int, run_dir: Path, r
         'callbacks.drp_dynamic_loading.plot_folder': run_dir / 'plots',
         'callbacks.speed_monitor.window_size': max(1, min(10, eval_every)),
         'callbacks.speed_monitor.time_unit': 'seconds',
+        'eval_subset_num_batches': settings.steer_batches,
     }
     overrides.update(scheduler_overrides(policy, reference_losses))
     return overrides
@@ -272,7 +308,7 @@ def _with_sets(overrides: dict[str, object], sets: tuple[str, ...]) -> dict[str,
 
 
 def run_policy(work: Path, settings: StudySettings, policy: str, seed: int, domains: list[str],
-               reference_losses: dict[str, float], keep_checkpoints: bool) -> dict[str, Any]:
+               reference_losses: dict[str, float] | None, keep_checkpoints: bool) -> dict[str, Any]:
     """Prune, export, (continue), evaluate one policy with one seed; every stage is skipped when done."""
     base = work / 'runs' / f'{policy}-s{seed}'
     prune_dir, continue_dir, pruned_model = base / 'prune', base / 'continue', base / 'pruned-model'
@@ -332,9 +368,7 @@ def run_policy(work: Path, settings: StudySettings, policy: str, seed: int, doma
     for stage, model_dir in models.items():
         evaluations[stage] = run_stage(
             f'{label}: held-out eval of the {stage} model', base / f'eval-{stage}.done.json',
-            lambda model_dir=model_dir: {'losses': evaluate(model_dir, settings.eval_data, domains, settings,
-                                                            max_batches=eval_batches(settings),
-                                                            split=settings.eval_split)})
+            lambda model_dir=model_dir: {'losses': score(model_dir, domains, settings)})
     trajectories = {'pruned': read_mixture_trajectory(prune_dir / 'metrics.jsonl', domains)}
     if continue_result is not None:
         trajectories['continued'] = read_mixture_trajectory(continue_dir / 'metrics.jsonl', domains,
@@ -383,7 +417,7 @@ def build_settings(args: argparse.Namespace) -> StudySettings:
         if value is not None:
             preset[key] = value
     for key in ('prune_steps', 'eval_every', 'continue_eval_every', 'max_seq_len', 'batch_size', 'microbatch_size',
-                'eval_batch_size', 'eval_tokens', 'save_every'):
+                'eval_batch_size', 'eval_tokens', 'steer_batches', 'save_every'):
         if preset[key] < 1:
             raise SystemExit(f'--{key.replace("_", "-")} must be >= 1, got {preset[key]}')
     if preset['continue_steps'] < 0:
@@ -419,7 +453,7 @@ def prepare_data(args: argparse.Namespace, settings: StudySettings, domains: lis
         raise SystemExit('pass --corpus DIR (<domain>.jsonl files) or --data-root DIR (a data_prep output)')
     from data_prep.build_domain_mds import PrepSettings, build_domain_mds
 
-    eval_samples = eval_batches(settings) * settings.eval_batch_size
+    eval_samples = (settings.steer_batches + eval_batches(settings)) * settings.eval_batch_size
     build_domain_mds(args.corpus, settings.data_root, domains=domains, tokenizer=settings.source,
                      settings=PrepSettings(max_seq_len=settings.max_seq_len, min_eval_samples=eval_samples,
                                            max_eval_samples=eval_samples))
@@ -448,6 +482,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--eval-batch-size', type=int, help='also the size of the scheduler\'s eval batch')
     parser.add_argument('--precision', choices=['fp32', 'amp_bf16', 'amp_fp16'])
     parser.add_argument('--eval-tokens', type=int, help='held-out tokens scored per domain')
+    parser.add_argument('--steer-batches', type=int, help='eval batches per domain the scheduler reads at each update')
     parser.add_argument('--save-every', type=int, help='checkpoint interval in steps (rounded to the eval cadence)')
     parser.add_argument('--prune-yaml', default='yamls/demo/smollm2_prune.yaml')
     parser.add_argument('--continue-yaml', default='yamls/demo/smollm2_continue.yaml')
@@ -474,15 +509,19 @@ def main(argv: list[str] | None = None) -> int:
 
     run_stage('data_prep', work / 'data.done.json', lambda: prepare_data(args, settings, domains) or {})
     tokens = eval_tokens_per_domain(Path(settings.eval_data), domains, settings.eval_split, settings)
+    pilot = run_policy(work, settings, 'constant', args.seeds[0], domains, None, args.keep_checkpoints)
+    pilot_model = (pilot['continue'] or pilot['export'])['model_dir']
     reference = run_stage(
-        'reference losses: the source model on the scheduler\'s eval batch', work / 'reference.done.json',
-        lambda: {'losses': evaluate(settings.source, settings.data_root, domains, settings, max_batches=1)})['losses']
+        'reference losses: the constant-policy pilot at the target size, on the steering batches',
+        work / 'reference-pilot.done.json',
+        lambda: {'losses': evaluate(pilot_model, settings.data_root, domains, settings,
+                                    max_batches=settings.steer_batches)})['losses']
     source_eval = run_stage(
         'held-out eval of the source model', work / 'source-eval.done.json',
-        lambda: {'losses': evaluate(settings.source, settings.eval_data, domains, settings,
-                                    max_batches=eval_batches(settings), split=settings.eval_split)})['losses']
+        lambda: {'losses': score(settings.source, domains, settings)})['losses']
 
-    results = [run_policy(work, settings, policy, seed, domains, reference, args.keep_checkpoints)
+    results = [run_policy(work, settings, policy, seed, domains, None if policy == 'constant' else reference,
+                          args.keep_checkpoints)
                for seed in args.seeds for policy in args.policies]
 
     rows: list[dict[str, Any]] = [result_row('source', '-', 'source', source_eval, initial, None)]
@@ -498,17 +537,18 @@ def main(argv: list[str] | None = None) -> int:
     final_stage = 'continued' if settings.continue_steps > 0 else 'pruned'
 
     notes = [
-        'reference losses (sheared, dro; drpruning before its first fit): the source model on the scheduler\'s '
-        f'eval batch ({settings.eval_batch_size} x {settings.max_seq_len} tokens per domain), the same for every '
-        'policy: ' + ', '.join(f'{d} {v:.3f}' for d, v in reference.items()),
+        'reference losses (sheared, dro; drpruning before its first fit): the constant-policy pilot (seed '
+        f'{args.seeds[0]}) at the target size on the steering batches ({settings.steer_batches} x '
+        f'{settings.eval_batch_size} x {settings.max_seq_len} tokens per domain), the same for every policy: '
+        + ', '.join(f'{d} {v:.3f}' for d, v in reference.items()),
         'held-out tokens scored per domain: ' + ', '.join(f'{d} {n:,}' for d, n in tokens.items()),
         'initial proportions p_R0 (weights of the weighted mean): ' +
         ', '.join(f'{d} {p:.3f}' for d, p in initial.items()),
         'with several seeds, seed "mean" rows show mean±half the range over seeds',
     ]
     if Path(settings.eval_data) == Path(settings.data_root) and settings.eval_split == 'eval':
-        notes.append('the held-out eval split is also the split the scheduler reads during training (its first '
-                     f'{settings.eval_batch_size} samples per domain); no training sample is in it')
+        notes.append(f'the score uses the eval split after the scheduler\'s first {settings.steer_batches} batches '
+                     'per domain (never seen by the scheduler); no training sample is in it')
     timings = [_timing_line(result, settings) for result in results]
     table = format_table(rows, domains)
     payload = {'header': header, 'notes': notes, 'timings': timings, 'settings': dataclasses.asdict(settings), 'commit': commit,

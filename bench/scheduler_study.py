@@ -56,14 +56,14 @@ SECTION = 'scheduler_study'
 
 SETTINGS = dict(
     vocab=1024, seq=64, batch=16, max_chars_per_domain=1_500_000,
-    steer_tokens=2048, score_tokens=8192,
+    steer_tokens=1024, score_tokens=8192,
     model=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=3,
                num_key_value_heads=3),
     target=dict(layers=3, hidden=56, heads=2, intermediate=160),
-    pretrain_steps=600, pretrain_lr=3e-3,
-    prune_steps=240, prune_lr=1e-3, mask_lr=0.3, lambda_lr=0.1,
-    continue_steps=240, continue_lr=1e-3,
-    eval_every=10, ratio_exponent=0.3,
+    pretrain_steps=400, pretrain_lr=3e-3,
+    prune_steps=128, prune_lr=1e-3, mask_lr=0.3, lambda_lr=0.1,
+    continue_steps=96, continue_lr=1e-3,
+    eval_every=8, ratio_exponent=0.3,
 )
 
 
@@ -116,7 +116,9 @@ class MixtureData(torch.utils.data.IterableDataset):
     """In-memory multi-domain stream honouring the scheduler contract (docs/DESIGN.md), lag 0.
 
     Batch b's domains are drawn i.i.d. from the mixture in force at b (seeded by (seed, b));
-    each domain walks its own seeded permutation, reshuffled at each pass.
+    each domain walks its own seeded permutation, reshuffled at each pass. ``new_stage`` starts
+    the next training run (continued pretraining) where the last one stopped in every domain,
+    with batch numbers (the scheduler's clock) from 0 again.
     """
 
     def __init__(self, train: dict[str, torch.Tensor], proportions, batch: int, seed: int):
@@ -125,6 +127,8 @@ class MixtureData(torch.utils.data.IterableDataset):
         self.batch, self.seed = batch, seed
         self.segments = [(0, np.asarray(proportions, dtype=np.float64))]
         self.per_batch_counts: list[np.ndarray] = []
+        self.earlier_counts = np.zeros(len(self.train))
+        self.batch_offset = 0
         self.cursor = [0] * len(self.train)
         self.orders = [self._order(i, 0) for i in range(len(self.train))]
 
@@ -142,8 +146,16 @@ class MixtureData(torch.utils.data.IterableDataset):
         counts = self.per_batch_counts[:at_batch]
         return np.sum(counts, axis=0) if counts else np.zeros(len(self.train))
 
+    def new_stage(self, proportions) -> None:
+        self.earlier_counts = self.earlier_counts + self.samples_per_domain(len(self.per_batch_counts))
+        self.batch_offset += len(self.per_batch_counts)
+        self.per_batch_counts = []
+        self.segments = [(0, np.asarray(proportions, dtype=np.float64))]
+
     def repeats(self) -> np.ndarray:
-        return self.samples_per_domain(len(self.per_batch_counts)) / np.array([len(t) for t in self.train])
+        """Samples drawn per domain so far (all stages) / the domain's train sequences."""
+        drawn = self.earlier_counts + self.samples_per_domain(len(self.per_batch_counts))
+        return drawn / np.array([len(t) for t in self.train])
 
     def _next(self, domain: int) -> torch.Tensor:
         n = len(self.train[domain])
@@ -157,7 +169,8 @@ class MixtureData(torch.utils.data.IterableDataset):
         while True:
             b = len(self.per_batch_counts)
             q = [q for start, q in self.segments if start <= b][-1]
-            domains = np.random.default_rng([self.seed, 10_000 + b]).choice(len(q), size=self.batch, p=q / q.sum())
+            domains = np.random.default_rng([self.seed, 10_000 + self.batch_offset + b]).choice(
+                len(q), size=self.batch, p=q / q.sum())
             self.per_batch_counts.append(np.bincount(domains, minlength=len(q)).astype(np.float64))
             for domain in domains:
                 row = self._next(int(domain))
@@ -183,8 +196,8 @@ def evaluators(splits, s):
     return loaders
 
 
-def train(hf, data, s, *, steps, lr, seed, proportions, policy=None, pruning=False, cosine=True):
-    """One Trainer run; returns (trainer, dataset)."""
+def train(hf, data, s, *, steps, lr, seed, proportions, policy=None, pruning=False, cosine=True, dataset=None):
+    """One Trainer run (on ``dataset``'s next stage when given); returns (trainer, dataset)."""
     from composer.optim import ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW
     from composer.trainer import Trainer
 
@@ -193,7 +206,10 @@ def train(hf, data, s, *, steps, lr, seed, proportions, policy=None, pruning=Fal
     from drp_foundry.composer.mask_learner import MaskLearner
 
     splits = data['splits']
-    dataset = MixtureData({d: splits[d]['train'] for d in DOMAINS}, proportions, s['batch'], seed)
+    if dataset is None:
+        dataset = MixtureData({d: splits[d]['train'] for d in DOMAINS}, proportions, s['batch'], seed)
+    else:
+        dataset.new_stage(proportions)
     loader = torch.utils.data.DataLoader(dataset, batch_size=s['batch'])
     model = composer_model(hf)
     optimizer = DecoupledAdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -266,10 +282,11 @@ def run_arm(source_state, data, s, p0, policy_config: dict, seed: int) -> dict:
     expected = float(masks.expected_num_parameters())
     target = float(masks.target_num_parameters())
     prune_q = _callback(trainer).policy.q.tolist()
+    repeats_prune = prune_data.repeats().tolist()
     pruned, report = fold_and_slice(unwrap_hf_model(trainer.state.model), masks.deterministic('target'))
     trainer.close()
     trainer, cont_data = train(pruned, data, s, steps=s['continue_steps'], lr=s['continue_lr'], seed=seed,
-                               proportions=p0, policy=policy_config)
+                               proportions=p0, policy=policy_config, dataset=prune_data)
     callback = _callback(trainer)
     per_seq = {d: sequence_losses(pruned, data['splits'][d]['score']) for d in DOMAINS}
     result = {
@@ -281,7 +298,7 @@ def run_arm(source_state, data, s, p0, policy_config: dict, seed: int) -> dict:
         'score_se': {d: float(v.std(ddof=1) / math.sqrt(len(v))) for d, v in per_seq.items()},
         'steer': split_losses(pruned, data, 'steer'),
         'q_prune_end': prune_q, 'q_continue_end': callback.policy.q.tolist(),
-        'repeats_prune': prune_data.repeats().tolist(), 'repeats_continue': cont_data.repeats().tolist(),
+        'repeats_prune': repeats_prune, 'repeats_total': cont_data.repeats().tolist(),
         'reference_losses_end': (None if getattr(callback.policy, 'reference_losses', None) is None
                                  else callback.policy.reference_losses.tolist()),
     }
@@ -308,8 +325,11 @@ def summarize(results: list[dict], seeds: list[int]) -> dict:
         entry = {'n': len(rows), 'mean': mean.mean(), 'worst': worst.mean(),
                  'per_domain': {d: float(np.mean([r['score'][d] for r in rows])) for d in DOMAINS},
                  'worst_domain': max(DOMAINS, key=lambda d: np.mean([r['score'][d] for r in rows])),
-                 'repeats': np.max([np.add(r['repeats_prune'], r['repeats_continue']) for r in rows], axis=0).tolist(),
+                 'repeats': np.max([r['repeats_total'] for r in rows], axis=0).tolist(),
                  'q_continue_end': np.mean([r['q_continue_end'] for r in rows], axis=0).tolist(),
+                 'q_prune_end': np.mean([r['q_prune_end'] for r in rows], axis=0).tolist(),
+                 'reference_losses_end': (None if rows[0]['reference_losses_end'] is None else
+                                          np.mean([r['reference_losses_end'] for r in rows], axis=0).tolist()),
                  'expected_ratio': float(np.mean([r['expected_params_end_of_pruning'] / r['target_params']
                                                   for r in rows]))}
         for base in ('constant', 'dro'):
@@ -333,7 +353,8 @@ def write_results(table, pre, pilot_refs, results, seeds, s, command, wall, repo
              f'scored on a disjoint score split ({s["score_tokens"]} tokens/domain). Seeds {seeds}. '
              f'p_R0 = size^{s["ratio_exponent"]}. Policies at their defaults (raw eval loss, research-code clamps); '
              'reference losses = a constant-policy pilot at the target size (seed 1000, steer split). '
-             f'Wall time {wall / 60:.1f} min on a shared, loaded CPU core (torch threads = 1).', '',
+             f'Compute time of all stages {wall / 60:.1f} min on a shared, loaded 2-core machine (torch threads '
+             '= 1; other jobs running beside it).', '',
              '| policy | n | mean loss | worst-domain loss | worst domain | Δmean vs constant | Δworst vs constant '
              '| Δmean vs dro | Δworst vs dro |', '|---|---|---|---|---|---|---|---|---|']
 
@@ -348,7 +369,13 @@ def write_results(table, pre, pilot_refs, results, seeds, s, command, wall, repo
     for policy, e in table.items():
         lines.append(f'| {policy} loss | ' + ' | '.join(f'{e["per_domain"][d]:.3f}' for d in DOMAINS) + ' |')
     for policy, e in table.items():
+        lines.append(f'| {policy} q end of pruning | ' + ' | '.join(f'{v:.3f}' for v in e['q_prune_end']) + ' |')
+    for policy, e in table.items():
         lines.append(f'| {policy} final q | ' + ' | '.join(f'{v:.3f}' for v in e['q_continue_end']) + ' |')
+    for policy, e in table.items():
+        if e.get('reference_losses_end'):
+            lines.append(f'| {policy} final reference loss | ' + ' | '.join(
+                f'{v:.3f}' for v in e['reference_losses_end']) + ' |')
     for policy, e in table.items():
         lines.append(f'| {policy} repeats (max over seeds) | ' + ' | '.join(f'{v:.2f}' for v in e['repeats']) + ' |')
     lines.append('| pretraining repeats | ' + ' | '.join(f'{v:.2f}' for v in pre['repeats']) + ' |')
@@ -422,7 +449,7 @@ def main(argv=None) -> int:
         for policy in args.policies:
             config = {'name': policy} if policy == 'constant' else {'name': policy, 'reference_losses': refs}
             results.append(arm(config, seed))
-    wall = time.time() - start
+    wall = pre['seconds'] + pilot['seconds'] + sum(r['seconds'] for r in results)  # cached stages count too
     table = summarize(results, seeds)
     command = 'python bench/scheduler_study.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     if not args.no_results:
@@ -432,7 +459,8 @@ def main(argv=None) -> int:
     (args.work / 'summary.json').write_text(json.dumps(table, indent=1, default=float))
     dp = table.get('drpruning', {})
     print(f'scheduler study: drpruning worst-domain delta vs constant {dp.get("d_worst_vs_constant")}, vs dro '
-          f'{dp.get("d_worst_vs_dro")} (mean, SE over {len(seeds)} seeds); wall {wall / 60:.1f} min')
+          f'{dp.get("d_worst_vs_dro")} (mean, SE over {len(seeds)} seeds); stages {wall / 60:.1f} min, this run '
+          f'{(time.time() - start) / 60:.1f} min')
     return 0
 
 

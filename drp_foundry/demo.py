@@ -3,13 +3,19 @@
 Each stage is the command a user runs on GPUs, chained::
 
     1. data_prep            corpus -> per-domain MDS shards (SmolLM2 tokenizer)
-    2. eval source          per-domain loss of SmolLM2-135M (also the reference losses)
+    2. eval source          per-domain loss of SmolLM2-135M
     3. composer train.py yamls/demo/smollm2_prune.yaml      L0 masks + Lagrangian + scheduler
     4. python -m drp_foundry.export CHECKPOINT OUT_DIR      fold masks, slice, HF directory
     5. composer train.py yamls/demo/smollm2_continue.yaml   continued pretraining, same scheduler
     6. eval pruned and continued models; table, plots, a generated sample
 
     python -m drp_foundry.demo --corpus ../shared/data/redpajama_sample [--policy drpruning]
+
+Reference losses (``sheared``, ``dro``, and ``drpruning`` before its first fit) are meant for
+the target size: ``--reference-losses FILE`` ({domain: loss}); without it the demo uses the
+continued-model losses of an earlier ``--policy constant`` run in the same ``--work`` (a
+constant-policy pilot at the target size), and only failing that the source model's losses
+(a stand-in that overstates every excess; it says so).
 
 Rerunning continues where it stopped (data_prep is idempotent, the training runs autoresume);
 ``--fresh`` starts over. Everything lands under ``--work`` (default ``runs/demo``).
@@ -27,7 +33,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-POLICIES = ('constant', 'sheared', 'dro', 'drpruning')
+POLICIES = ('constant', 'sheared', 'dro', 'drpruning')  # the built-in policies (scheduling/registry.py)
 DEFAULT_SOURCE = REPO / 'models' / 'smollm2-135m'
 
 
@@ -68,13 +74,24 @@ def finished(checkpoints: Path, steps: int) -> bool:
     return (checkpoints / f'ep0-ba{steps}-rank0.pt').exists()
 
 
-def scheduler_overrides(policy: str, reference_losses: dict[str, float]) -> dict[str, object]:
-    """YAML overrides for the scheduler: the policy and, except for ``constant`` (which takes
-    none and refuses them), the reference losses."""
-    if policy == 'constant':
-        return {'variables.policy': policy, 'callbacks.drp_dynamic_loading.reference_losses': 'null'}
+def scheduler_overrides(policy: str, reference_losses: dict[str, float] | None) -> dict[str, object]:
+    """YAML overrides for the scheduler: the policy name and its reference losses (null for
+    ``constant``, which takes none; a null key takes the policy's default)."""
+    if policy == 'constant' or reference_losses is None:
+        return {'variables.policy': policy, 'variables.reference_losses': 'null'}
     return {'variables.policy': policy,
             **{f'variables.reference_losses.{d}': round(v, 4) for d, v in reference_losses.items()}}
+
+
+def target_reference_losses(work: Path, given: str | None, source_losses: dict[str, float]
+                            ) -> tuple[dict[str, float], str]:
+    """The reference losses for the scheduler and where they came from (see the module docstring)."""
+    if given:
+        return {d: float(v) for d, v in json.loads(Path(given).read_text()).items()}, given
+    pilot = work / 'loss_continued_constant.json'
+    if pilot.exists():
+        return json.loads(pilot.read_text()), f'{pilot} (constant-policy pilot at the target size)'
+    return source_losses, 'the source model (a stand-in: run --policy constant first for target-size references)'
 
 
 def _eval(model_dir: Path, data_root: Path, max_seq_len: int, out_json: Path) -> dict[str, float]:
@@ -170,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--continue-steps', type=int, default=40)
     parser.add_argument('--eval-every', type=int, default=10)
     parser.add_argument('--max-seq-len', type=int, default=128)
+    parser.add_argument('--reference-losses', help='JSON {domain: loss} for a model of the target size')
     parser.add_argument('--fresh', action='store_true', help='delete --work first')
     args = parser.parse_args(argv)
 
@@ -197,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     source_losses = _eval(source, data_root, args.max_seq_len, work / 'loss_source.json')
     print('  ' + ', '.join(f'{d} {v:.3f}' for d, v in source_losses.items()) + f' ({time.time() - t:.0f}s)')
 
+    references, origin = target_reference_losses(work, args.reference_losses, source_losses)
+    if args.policy != 'constant':
+        print(f'  reference losses from {origin}')
     common = {'variables.data_root': data_root, 'variables.max_seq_len': args.max_seq_len,
-              'variables.eval_every': args.eval_every, **scheduler_overrides(args.policy, source_losses)}
+              'variables.eval_every': args.eval_every, **scheduler_overrides(args.policy, references)}
     prune_run = f'demo-prune-{args.policy}'
     t = _stage(f'3/6 prune ({args.prune_steps} steps, policy {args.policy})')
     if finished(work / prune_run / 'checkpoints', args.prune_steps):

@@ -116,8 +116,14 @@ def test_multidomain_loader_checks_keys_proportions_and_folders(prune_data_root)
 
 def test_callback_policy_key_typo_is_caught_before_training(prune_data_root):
     data_root = prune_data_root
-    with pytest.raises(ConfigError, match=r"callbacks\.drp_dynamic_loading\.rhoo: unknown key.*'rho'"):
+    with pytest.raises(ConfigError, match=r"drp_dynamic_loading: .*unknown keys \['rhoo'\].*'rho' "
+                                          r"\(a policy key: inside `policy`\)"):
         check_train_config(_prune_cfg(data_root, 'callbacks.drp_dynamic_loading.rhoo=0.2'))
+    with pytest.raises(ConfigError, match=r"drp_dynamic_loading\.policy: \['rhoo'\] are not keys of policy "
+                                          r"'drpruning'"):
+        check_train_config(_prune_cfg(data_root, 'callbacks.drp_dynamic_loading.policy.rhoo=0.2'))
+    with pytest.raises(ConfigError, match=r'write `policy: \{name: drpruning, rho: 0.2\}`'):
+        check_train_config(_prune_cfg(data_root, 'callbacks.drp_dynamic_loading.rho=0.2'))
     with pytest.raises(ConfigError, match=r"algorithms\.drp_mask_learner\.mask_learning_rate: unknown key"):
         check_train_config(_prune_cfg(data_root, 'algorithms.drp_mask_learner.mask_learning_rate=1.0'))
 

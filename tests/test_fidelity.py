@@ -103,7 +103,7 @@ def _argv(root: Path, **changes) -> list[str]:
     options = {'--corpus': root / 'corpus', '--source': root / 'source', '--work': root / 'study',
                '--prune-steps': 3, '--eval-every': 2, '--continue-steps': 2, '--continue-eval-every': 1,
                '--max-seq-len': 32, '--batch-size': 2, '--microbatch-size': 2, '--eval-batch-size': 2,
-               '--eval-tokens': 128, '--save-every': 2}
+               '--eval-tokens': 128, '--steer-batches': 1, '--save-every': 2}
     options.update(changes)
     argv = [str(x) for key, value in options.items() for x in (key, value)]
     loader = ['train_loader.num_workers=0', 'train_loader.prefetch_factor=null',
@@ -145,6 +145,7 @@ def test_study_writes_json_csv_png_with_every_row_and_column(finished_study):
     # the pruned and the continued model are different models
     assert rows[3]['loss/wiki'] != rows[4]['loss/wiki']
     assert set(payload['reference_losses']) == set(DOMAINS)
+    assert 'constant-policy pilot' in payload['notes'][0]  # target-size references, not the source model's
     assert payload['eval_tokens_per_domain'] == {d: 128 for d in DOMAINS}  # 2 batches x 2 x 32 tokens
     trajectory = payload['trajectories']['drpruning s17']['wiki']
     steps = [point[0] for point in trajectory]
@@ -191,7 +192,8 @@ def test_rerun_skips_finished_stages_and_redoes_only_missing_ones(finished_study
     marker = finished_study / 'runs' / 'drpruning-s17' / 'eval-continued.done.json'
     marker.unlink()
     assert bench.main(_argv(tiny_source)) == 0
-    assert evaluated == [str(finished_study / 'runs' / 'drpruning-s17' / 'continue' / 'hf' / 'huggingface' / 'final')]
+    # the score reads the steering + scored batches, then the steering ones, of that one model
+    assert evaluated == [str(finished_study / 'runs' / 'drpruning-s17' / 'continue' / 'hf' / 'huggingface' / 'final')] * 2
     rows = json.loads((finished_study / 'fidelity.json').read_text())['rows']
     assert rows[4]['loss/wiki'] == 1.0 and rows[3]['loss/wiki'] != 1.0
 

@@ -281,7 +281,7 @@ def test_data_scheduler_matches_the_train_dataset_and_eval_loaders(built):
     assert callback.policy.domain_names == list(dataset.domain_names)
     np.testing.assert_allclose(callback.policy.p_ref_initial, dataset.proportions, atol=1e-9)
     assert callback.policy.total_steps == state.max_duration.value
-    reference = built.raw['callbacks']['drp_dynamic_loading'].get('reference_losses')
+    reference = built.raw['callbacks']['drp_dynamic_loading']['policy'].get('reference_losses')
     if isinstance(reference, dict):
         assert sorted(reference) == sorted(dataset.domain_names)
     lagrangian = built.algorithms.get('drp_lagrangian')

@@ -26,6 +26,7 @@ resumed run makes the same updates as an uninterrupted one.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -159,9 +160,13 @@ class DynamicLoading(Callback):
             flat = {key: value for key, value in old_keys.items() if key in _OLD_FLAT_KEYS}
             unknown = sorted(set(old_keys) - set(flat))
             if unknown:
+                hints = {key: difflib.get_close_matches(key, _CALLBACK_KEYS + _OLD_FLAT_KEYS, n=1) for key in unknown}
+                hint = ''.join(f' Did you mean {close[0]!r}' + ('' if close[0] in _CALLBACK_KEYS else
+                                                                ' (a policy key: inside `policy`)') + '?'
+                               for close in hints.values() if close)
                 raise ValueError(f'drp_dynamic_loading: unknown keys {unknown}; the callback\'s keys are '
-                                 f'{sorted(_CALLBACK_KEYS)} and the policy\'s keys go inside `policy`')
-            name = policy if isinstance(policy, str) else 'drpruning'
+                                 f'{sorted(_CALLBACK_KEYS)} and the policy\'s keys go inside `policy`.{hint}')
+            name = policy if isinstance(policy, str) else dict(policy or {}).get('name', 'drpruning')
             example = ', '.join([f'name: {name}'] + [f'{key}: {value}' for key, value in flat.items()])
             raise ValueError(f'drp_dynamic_loading: the policy and its settings ({sorted(flat) or "policy"}) now go in '
                              f'one mapping; write `policy: {{{example}}}` (keys of each policy: '

@@ -9,7 +9,9 @@ and registered in a package's ``setup.py`` under the entry-point group
 ``drp_foundry_policies`` (``mypolicy = mypkg.my_policy:MyPolicy``), the way LLM-Foundry finds
 callbacks and algorithms. The four built-in policies are registered the same way (and are
 also known without installed metadata). ``total_steps`` is set by the caller (the callback,
-from ``max_duration``) and is not a config key.
+from ``max_duration``) and is not a config key. A key set to null takes the policy's default
+(so a recipe can keep ``reference_losses: ${variables.reference_losses}`` and switch to
+``constant`` with ``variables.reference_losses=null``).
 
 Pure Python (importlib.metadata); no Composer import.
 """
@@ -74,7 +76,7 @@ def _split(config: Mapping[str, Any], where: str) -> tuple[type[MixturePolicy], 
                          f'`policy: {{name: {config if isinstance(config, str) else "drpruning"}, ...}}`; got {config!r}')
     if 'name' not in config:
         raise ValueError(f'{where} needs `name` (one of {sorted(registered_policies())})')
-    kwargs = {key: value for key, value in config.items() if key != 'name'}
+    kwargs = {key: value for key, value in config.items() if key != 'name' and value is not None}  # null = default
     try:
         cls = get_policy_class(str(config['name']))
     except ValueError as error:
