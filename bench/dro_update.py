@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from drp_foundry.scheduling.policies import build_policy
+from drp_foundry.scheduling.registry import build_policy
 
 NUM_DOMAINS = 8
 NUM_POINTS = 64
@@ -33,10 +33,10 @@ def make_policy(pruning: bool, rng: np.random.Generator):
     laws = [(np.exp(rng.uniform(8.0, 12.0)), rng.uniform(0.05, 0.2), rng.uniform(0.3, 0.6), rng.uniform(1.5, 3.0))
             for _ in range(NUM_DOMAINS)]
     total_steps = 4 * NUM_POINTS + 100
-    policy = build_policy('drpruning', names, ratio, reference_losses=[law[3] + 0.2 for law in laws],
-                          total_steps=total_steps, target_params=1.3e9 if pruning else None,
-                          max_history_points=NUM_POINTS, history_start_fraction=0.0, fit_start_fraction=0.0,
-                          ratio_start_fraction=0.0)
+    policy = build_policy({'name': 'drpruning', 'reference_losses': [law[3] + 0.2 for law in laws],
+                           'target_params': 1.3e9 if pruning else None, 'max_history_points': NUM_POINTS,
+                           'history_start_fraction': 0.0, 'fit_start_fraction': 0.0, 'ratio_start_fraction': 0.0},
+                          names, ratio, total_steps=total_steps)
 
     def observe(step: int):
         samples = 2048.0 * step * ratio

@@ -407,6 +407,9 @@ def main(argv=None) -> int:
     parser.add_argument('--policies', nargs='+', choices=POLICIES, default=POLICIES)
     parser.add_argument('--scale', type=float, default=1.0, help='multiply every step count (timing trials)')
     parser.add_argument('--no-results', action='store_true', help='do not write docs/RESULTS.md')
+    parser.add_argument('--report-only', action='store_true',
+                        help='summarise the arms already finished in --work (none is trained); the table says '
+                             'how many seeds each policy has')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = json.loads(json.dumps(SETTINGS))
@@ -426,6 +429,8 @@ def main(argv=None) -> int:
     p0 = temperature_smoothed_ratio(sizes, s['ratio_exponent'])
     print('train sequences', dict(zip(DOMAINS, sizes.astype(int).tolist())), 'p_R0', np.round(p0, 3).tolist(),
           flush=True)
+    if args.report_only and not (args.work / 'pretrained.pt').exists():
+        raise SystemExit(f'--report-only: no finished study stages in {args.work}')
     hf, pre = pretrain(data, args.work, s, p0)
     print(f'pretrained: {pre["seconds"]:.0f} s, score {pre["score_losses"]}', flush=True)
     source_state = {k: v.clone() for k, v in hf.state_dict().items()}
@@ -434,6 +439,8 @@ def main(argv=None) -> int:
         path = args.work / f'arm_{policy_config["name"]}_{seed}.json'
         if path.exists():
             return json.loads(path.read_text())
+        if args.report_only:
+            return None
         result = run_arm(source_state, data, s, p0, policy_config, seed)
         path.write_text(json.dumps(result, indent=1))
         print(f'{result["policy"]:>10} seed {seed}: mean {np.mean(list(result["score"].values())):.3f} worst '
@@ -442,16 +449,21 @@ def main(argv=None) -> int:
         return result
 
     pilot = arm({'name': 'constant'}, 1000)
+    if pilot is None:
+        raise SystemExit(f'--report-only: no finished pilot in {args.work}')
     refs = pilot_reference_losses([pilot['steer']])
     seeds = list(range(args.seeds))
     results = []
     for seed in seeds:
         for policy in args.policies:
             config = {'name': policy} if policy == 'constant' else {'name': policy, 'reference_losses': refs}
-            results.append(arm(config, seed))
+            result = arm(config, seed)
+            if result is not None:
+                results.append(result)
     wall = pre['seconds'] + pilot['seconds'] + sum(r['seconds'] for r in results)  # cached stages count too
     table = summarize(results, seeds)
-    command = 'python bench/scheduler_study.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != '--report-only']
+    command = 'python bench/scheduler_study.py ' + ' '.join(given)
     if not args.no_results:
         body = write_results(table, pre, refs, results, seeds, s, command.strip(), wall,
                              Path(__file__).resolve().parents[1])

@@ -232,8 +232,12 @@ def test_old_flat_keys_are_refused_with_the_new_form():
         DynamicLoading(policy='dro', reference_losses=[1, 2, 3], rho=0.2)
     with pytest.raises(ValueError, match=r'`policy: \{name: constant\}`'):
         DynamicLoading(policy='constant')
-    with pytest.raises(ValueError, match=r'`policy: \{name: drpruning, ema_weight: 0.5\}`'):
+    with pytest.raises(ValueError, match=r'`policy: \{name: drpruning, eval_loss_ema: 0.5\}`'):
         DynamicLoading(ema_weight=0.5)
+    from omegaconf import OmegaConf
+    from_yaml = DynamicLoading(policy=OmegaConf.create({'name': 'dro', 'reference_losses': {'flat': 1.0, 'cycle': 2.0,
+                                                                                           'noise': 3.0}}))
+    assert from_yaml.policy_config == {'name': 'dro', 'reference_losses': {'flat': 1.0, 'cycle': 2.0, 'noise': 3.0}}
 
 
 def test_missing_eval_loaders_tokens_duration_and_wrong_dataset_are_refused():

@@ -38,6 +38,7 @@ import torch
 from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
+from omegaconf import DictConfig, OmegaConf
 
 from drp_foundry.composer.domain_eval_losses import read_domain_eval_losses
 from drp_foundry.composer.hf_model import unwrap_hf_model
@@ -58,6 +59,7 @@ _OLD_FLAT_KEYS = ('reference_losses', 'rho', 'min_ratio', 'floor_at_min_referenc
                   'update_interval', 'smoothing', 'floors_in_constraint', 'clamp_ratio_to_initial_range', 'clip_excess_at_zero', 'fit_start_fraction', 'ratio_start_fraction',
                   'history_start_fraction', 'ratio_delta', 'max_ratio_factor', 'target_params', 'max_history_points',
                   'min_fit_points', 'huber_delta', 'num_best_fits')
+_RENAMED = {'ema_weight': 'eval_loss_ema'}  # old flat key -> its policy key
 
 
 def find_mixture_dataset(dataloader: Any) -> Any:
@@ -167,10 +169,12 @@ class DynamicLoading(Callback):
                 raise ValueError(f'drp_dynamic_loading: unknown keys {unknown}; the callback\'s keys are '
                                  f'{sorted(_CALLBACK_KEYS)} and the policy\'s keys go inside `policy`.{hint}')
             name = policy if isinstance(policy, str) else dict(policy or {}).get('name', 'drpruning')
-            example = ', '.join([f'name: {name}'] + [f'{key}: {value}' for key, value in flat.items()])
+            example = ', '.join([f'name: {name}'] + [f'{_RENAMED.get(key, key)}: {value}' for key, value in flat.items()])
             raise ValueError(f'drp_dynamic_loading: the policy and its settings ({sorted(flat) or "policy"}) now go in '
                              f'one mapping; write `policy: {{{example}}}` (keys of each policy: '
                              'drp_foundry.scheduling.policies)')
+        if isinstance(policy, DictConfig):
+            policy = OmegaConf.to_container(policy, resolve=True)
         self.policy_config = dict(policy) if policy is not None else {'name': 'drpruning'}
         check_policy_config(self.policy_config, domain_names, where='drp_dynamic_loading.policy')
         self.policy_name = str(self.policy_config['name'])
