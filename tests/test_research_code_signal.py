@@ -234,3 +234,20 @@ def test_reference_losses_cli_reads_a_pilot_metrics_file(tmp_path, capsys):
     assert losses_from_metrics_jsonl(str(path)) == [{'a': 4.0, 'b': 5.0}, {'a': 3.0, 'b': 4.0}]
     assert reference_main(['pilot', str(path), '--last', '2']) == 0
     assert json.loads(capsys.readouterr().out) == {'a': 3.5, 'b': 4.5}
+
+
+def test_demo_takes_target_size_references_from_a_file_then_a_constant_pilot(tmp_path):
+    from drp_foundry.demo import scheduler_overrides, target_reference_losses
+
+    source = {'a': 2.0, 'b': 3.0}
+    refs, origin = target_reference_losses(tmp_path, None, source)
+    assert refs == source and 'stand-in' in origin
+    (tmp_path / 'loss_continued_constant.json').write_text(json.dumps({'a': 5.0, 'b': 6.0}))
+    refs, origin = target_reference_losses(tmp_path, None, source)
+    assert refs == {'a': 5.0, 'b': 6.0} and 'constant-policy pilot' in origin
+    given = tmp_path / 'refs.json'
+    given.write_text(json.dumps({'a': 4.0, 'b': 4.5}))
+    assert target_reference_losses(tmp_path, str(given), source)[0] == {'a': 4.0, 'b': 4.5}
+    assert scheduler_overrides('constant', refs) == {'variables.policy': 'constant', 'variables.reference_losses': 'null'}
+    assert scheduler_overrides('dro', {'a': 4.12345}) == {'variables.policy': 'dro',
+                                                          'variables.reference_losses.a': 4.1235}
