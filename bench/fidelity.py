@@ -199,10 +199,17 @@ def launch(cmd: list[str], log_path: Path) -> None:
 # -- measurements ----------------------------------------------------------------------------------------
 def evaluate(model_dir: Path | str, data_root: Path | str, domains: list[str], settings: StudySettings, *,
              max_batches: int | None, split: str = 'eval') -> dict[str, float]:
+    import multiprocessing
+
     from drp_foundry.eval.domain_loss import evaluate_domains
 
-    return evaluate_domains(model_dir, data_root, domains, max_seq_len=settings.max_seq_len, split=split,
-                            batch_size=settings.eval_batch_size, max_batches=max_batches)
+    # A fresh process per evaluation: mosaicml-streaming keeps every shared-memory handle of a process
+    # open until exit, and a study makes dozens of evaluations (7 datasets each); in one process they
+    # exhaust the file-descriptor limit.
+    with multiprocessing.get_context('spawn').Pool(1) as pool:
+        return pool.apply(evaluate_domains, (str(model_dir), str(data_root), domains),
+                          dict(max_seq_len=settings.max_seq_len, split=split, batch_size=settings.eval_batch_size,
+                               max_batches=max_batches))
 
 
 def score(model_dir: Path | str, domains: list[str], settings: StudySettings) -> dict[str, float]:
