@@ -1,7 +1,8 @@
 # drp-foundry: one command to set up, one for the main job, one for the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CORPUS ?= ../shared/data/redpajama_sample
+# The corpus of the demos: by default the embedded seven-domain sample (drp_foundry/demo_corpus/PROVENANCE.md).
+CORPUS ?= drp_foundry/demo_corpus
 POLICY ?= drpruning
 
 .PHONY: setup demo demo-tiny test test-fast lint

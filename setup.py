@@ -59,6 +59,8 @@ setup(
         # lm-eval harness for exported models (drp_foundry/eval/lm_eval_tasks); peft pinned for transformers 4.51
         'eval': ['lm-eval==0.4.8', 'peft==0.15.2'],
     },
-    package_data={'drp_foundry.eval': ['lm_eval_tasks/*.yaml']},
+    package_data={'drp_foundry.eval': ['lm_eval_tasks/*.yaml'],
+                  # the demo's default corpus (3.4 MB), so `python -m drp_foundry.demo` works from a wheel
+                  'drp_foundry': ['demo_corpus/*.jsonl.zst', 'demo_corpus/README.md']},
     entry_points=ENTRY_POINTS,
 )

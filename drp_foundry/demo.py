@@ -9,7 +9,7 @@ Each stage is the command a user runs on GPUs, chained::
     5. composer train.py yamls/demo/smollm2_continue.yaml   continued pretraining, same scheduler
     6. eval pruned and continued models; table, plots, a generated sample
 
-    python -m drp_foundry.demo --corpus ../shared/data/redpajama_sample [--policy drpruning]
+    python -m drp_foundry.demo [--corpus DIR] [--policy drpruning]   # default corpus: the embedded sample
 
 Reference losses (``sheared``, ``dro``, and ``drpruning`` before its first fit) are meant for
 the target size: ``--reference-losses FILE`` ({domain: loss}); without it the demo uses the
@@ -35,6 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ('constant', 'sheared', 'dro', 'drpruning')  # the built-in policies (scheduling/registry.py)
 DEFAULT_SOURCE = REPO / 'models' / 'smollm2-135m'
+# The default corpus, shipped as package data (provenance and licenses in its README.md).
+DEMO_CORPUS = Path(__file__).resolve().parent / 'demo_corpus'
 
 
 def _stage(title: str) -> float:
@@ -179,7 +181,9 @@ def generate_sample(model_dir: Path, prompt: str = 'The history of the city', to
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--corpus', required=True, help='folder of <domain>.jsonl files (text field)')
+    parser.add_argument('--corpus', default=None,
+                        help='folder of <domain>.jsonl[.zst|.gz] files (text field); default: the embedded '
+                             'seven-domain RedPajama sample (drp_foundry/demo_corpus)')
     parser.add_argument('--policy', choices=POLICIES, default='drpruning')
     parser.add_argument('--source', default=str(DEFAULT_SOURCE), help='HF directory of the source model')
     parser.add_argument('--work', default='runs/demo', help='where runs, models and the report go')
@@ -191,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--fresh', action='store_true', help='delete --work first')
     args = parser.parse_args(argv)
 
+    if args.corpus is None:
+        args.corpus = str(DEMO_CORPUS)
     work = Path(args.work).resolve()
     source = Path(args.source).resolve()
     if not (source / 'config.json').is_file():

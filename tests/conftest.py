@@ -127,3 +127,19 @@ def llama_config():
 @pytest.fixture
 def gqa_config():
     return tiny_gqa_config()
+
+
+def copy_tracked_files(dest: Path) -> Path:
+    """A copy of the repository's git-tracked files (as a fresh clone has them) at ``dest``; untracked and
+    ignored files (models/, runs/, data/, caches) stay behind. Working-tree contents, so uncommitted edits
+    of tracked files are included."""
+    import shutil
+    import subprocess
+
+    listed = subprocess.run(['git', 'ls-files', '-z'], cwd=REPO_ROOT, check=True, capture_output=True).stdout
+    for name in filter(None, listed.decode().split('\0')):
+        source = REPO_ROOT / name
+        if source.is_file():  # a tracked file deleted in the working tree is not copied
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
