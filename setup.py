@@ -17,6 +17,12 @@ ENTRY_POINTS = {
     ],
     'llmfoundry_dataloaders': [
         'drp_multidomain = drp_foundry.composer.multidomain_dataloader:build_multidomain_dataloader',
+        # only raises: `drp_domain_evals` entries are expanded by the config transform below
+        'drp_domain_evals = drp_foundry.composer.domain_eval_loaders:refuse_unexpanded',
+    ],
+    # LLM-Foundry's train entry applies every registered config transform (transforms='all')
+    'llmfoundry_config_transforms': [
+        'drp_domain_evals = drp_foundry.composer.domain_eval_loaders:expand_domain_eval_loaders',
     ],
     'llmfoundry_loggers': [
         'drp_jsonl = drp_foundry.composer.jsonl_metrics_logger:JSONLMetricsLogger',

@@ -173,6 +173,7 @@ def built(request, tmp_path_factory, tiny_tokenizer_dir) -> Iterator[BuiltRecipe
     from omegaconf import OmegaConf as om
 
     from drp_foundry.composer.config_checks import check_train_config, load_train_config
+    from drp_foundry.composer.domain_eval_loaders import expand_domain_eval_loaders
 
     recipe: Path = request.param
     workdir = tmp_path_factory.mktemp(re.sub(r'\W', '_', _recipe_id(recipe)))
@@ -193,7 +194,9 @@ def built(request, tmp_path_factory, tiny_tokenizer_dir) -> Iterator[BuiltRecipe
         cfg = load_train_config(recipe, overrides + [f'model.pretrained_model_name_or_path={REPO_ROOT / model_path}'])
         raw = om.to_container(cfg, resolve=True)
 
-    loaders = [raw['train_loader'], *(raw.get('eval_loaders') or [])]
+    # eval_loader: {name: drp_domain_evals} stands for one loader per domain (the folders are written below)
+    expanded = expand_domain_eval_loaders(raw, check_folders=False)
+    loaders = [raw['train_loader'], *(expanded.get('eval_loaders') or [])]
     for i, folder in enumerate(sorted({d for loader in loaders for d in _loader_mds_dirs(loader)})):
         assert data_root in folder.parents, (f'{_recipe_id(recipe)}: data folder {folder} is not under '
                                              'variables.data_root; derive every data path from it')

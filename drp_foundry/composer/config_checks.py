@@ -380,11 +380,29 @@ def _check_data_manifests(cfg: DictConfig) -> None:
                 break
 
 
+def _expand_domain_evals(cfg: DictConfig) -> DictConfig:
+    """Apply the ``drp_domain_evals`` config transform as LLM-Foundry will, so the loaders it makes are checked."""
+    from drp_foundry.composer.domain_eval_loaders import (
+        DomainEvalsError,
+        expand_domain_eval_loaders,
+        uses_domain_evals,
+    )
+
+    if not uses_domain_evals(cfg):
+        return cfg
+    try:
+        # folders are checked below, loader by loader, after the train loader's
+        return om.create(expand_domain_eval_loaders(om.to_container(cfg, resolve=True), check_folders=False))
+    except DomainEvalsError as err:
+        raise ConfigError(str(err)) from None
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Check a resolved training config; raise ``ConfigError`` on the first mistake."""
     from llmfoundry import registry
     from llmfoundry.utils.config_utils import TrainConfig
 
+    cfg = _expand_domain_evals(cfg)
     top_level = {f.name for f in fields(TrainConfig)}
     for key in cfg:
         if key not in top_level:
