@@ -5,7 +5,7 @@ sharded ``torch.distributed.checkpoint`` save), rebuilds the Hugging Face model 
 Composer stored beside the weights, rebuilds the ``L0MaskModule`` from its extra state, takes
 the deterministic masks at exactly the target sizes, folds them into the weights and slices
 (``drp_foundry.pruning.export.fold_and_slice``). ``OUT_DIR`` receives ``config.json``, safetensors
-weights, the tokenizer and ``pruning_report.json``; it loads with
+weights, the tokenizer, ``pruning_report.json`` and a model card (``README.md``, drp_foundry/model_card.py); it loads with
 ``transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and serves as
 ``pretrained_model_name_or_path`` of a stock ``hf_causal_lm`` for continued pretraining.
 
@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from drp_foundry.hf_tied_weights import store_tied_output_embedding
+from drp_foundry.model_card import card_facts, write_model_card
 from drp_foundry.pruning.export import PruningReport, fold_and_slice
 from drp_foundry.pruning.hf_injection import MASK_MODULE_NAME, get_mask_module, inject_masks
 from drp_foundry.pruning.mask_module import L0MaskModule
@@ -189,7 +191,8 @@ def _replace_directory(staging: Path, out_dir: Path) -> None:
 
 
 def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                      tokenizer_dir: str | os.PathLike | None = None, dtype: str = 'float32') -> PruningReport:
+                      tokenizer_dir: str | os.PathLike | None = None, dtype: str = 'float32',
+                      source: str | None = None) -> PruningReport:
     """Export a pruning checkpoint to a HF model folder; returns what was kept."""
     checkpoint_path, out_dir = Path(checkpoint_path), Path(out_dir)
     if dtype not in DTYPES:
@@ -218,6 +221,9 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
         record = {'checkpoint': str(checkpoint_path), 'dtype': dtype, 'target': mask_module.target.to_dict(),
                   'granularities': list(mask_module.granularities), **report.to_dict()}
         (staging / REPORT_FILENAME).write_text(json.dumps(record, indent=2))
+        store_tied_output_embedding(staging)  # a tied lm_head loads through Foundry without a false warning
+        write_model_card(staging, card_facts(checkpoint, checkpoint_path, record, record['target'],
+                                             record['granularities'], dtype, source=source), name=out_dir.name)
         check_output_dir(out_dir, overwrite, inputs)  # nothing appeared meanwhile
         _replace_directory(staging, out_dir)
     finally:
@@ -234,10 +240,12 @@ def main(argv: list[str] | None = None) -> int:
                         help='replace an earlier export in OUT_DIR (never a folder with checkpoints or the input)')
     parser.add_argument('--tokenizer', default=None, help='HF tokenizer folder (default: the one in the checkpoint)')
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32', help='dtype of the saved weights')
+    parser.add_argument('--source', default=None, help='the source model (path or hub name) for the model card; '
+                        'the checkpoint does not record it')
     args = parser.parse_args(argv)
     try:
         report = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite,
-                                   tokenizer_dir=args.tokenizer, dtype=args.dtype)
+                                   tokenizer_dir=args.tokenizer, dtype=args.dtype, source=args.source)
     except ExportError as error:
         print(f'drp-export: error: {error}', file=sys.stderr)
         return 2

