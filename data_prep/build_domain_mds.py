@@ -363,8 +363,14 @@ def read_documents(files: list[Path]) -> list[str]:
     return docs
 
 
-def tokens_to_samples(docs: list[str], tokenizer, max_seq_len: int, seed: int) -> np.ndarray:
-    """Shuffle documents, tokenise, append EOS to each, cut into (n, max_seq_len) int32 samples."""
+def tokens_to_samples(docs: list[str], tokenizer, max_seq_len: int, seed: int, desc: str = '',
+                      progress: bool | None = None) -> np.ndarray:
+    """Shuffle documents, tokenise, append EOS to each, cut into (n, max_seq_len) int32 samples.
+
+    A progress bar (characters tokenised) named ``desc`` shows on a terminal; ``progress`` forces it on or off.
+    """
+    from drp_foundry.progress import progress_bar
+
     order = np.random.default_rng(seed).permutation(len(docs))
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -372,11 +378,14 @@ def tokens_to_samples(docs: list[str], tokenizer, max_seq_len: int, seed: int) -
     tokenizer.model_max_length = 1 << 62  # whole documents are encoded, then cut; no length warning
     chunks = []
     batch = 64
-    for start in range(0, len(order), batch):
-        texts = [docs[i] for i in order[start:start + batch]]
-        for ids in tokenizer(texts, add_special_tokens=False)['input_ids']:
-            chunks.append(np.asarray(ids, dtype=np.int64))
-            chunks.append(np.asarray([eos], dtype=np.int64))
+    with progress_bar(total=sum(len(d) for d in docs), desc=desc, unit='char',
+                      disable=None if progress is None else not progress) as bar:
+        for start in range(0, len(order), batch):
+            texts = [docs[i] for i in order[start:start + batch]]
+            for ids in tokenizer(texts, add_special_tokens=False)['input_ids']:
+                chunks.append(np.asarray(ids, dtype=np.int64))
+                chunks.append(np.asarray([eos], dtype=np.int64))
+            bar.update(sum(len(text) for text in texts))
     stream = np.concatenate(chunks)
     if stream.max(initial=0) >= np.iinfo(np.int32).max:
         raise DataPrepError('token ids do not fit int32')
@@ -500,7 +509,8 @@ def build_domain_mds(corpus: str | Path, out: str | Path, *, domains: list[str] 
                 'tokenizer_sha256': tok_sha, 'tokenizer_identity': tokenizer_identity(tok), 'vocab_size': len(tok), 'eos_token_id': tok.eos_token_id,
                 'corpus': str(corpus.resolve()), 'sources': sources, 'domains': {}}
     for i, (domain, domain_docs) in enumerate(docs.items()):
-        samples = tokens_to_samples(domain_docs, tok, settings.max_seq_len, settings.seed + i)
+        samples = tokens_to_samples(domain_docs, tok, settings.max_seq_len, settings.seed + i,
+                                    desc=f'{domain} ({i + 1}/{len(docs)})')
         n_train, n_eval = split_counts(len(samples), settings, domain)
         (staging / domain).mkdir(exist_ok=True)
         write_mds_split(samples[:n_train], staging / domain / 'train')

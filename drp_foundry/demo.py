@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from drp_foundry.progress import StepTimer, format_duration, parse_batch_line
+
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ('constant', 'sheared', 'dro', 'drpruning')  # the built-in policies (scheduling/registry.py)
 DEFAULT_SOURCE = REPO / 'models' / 'smollm2-135m'
@@ -39,28 +41,36 @@ DEFAULT_SOURCE = REPO / 'models' / 'smollm2-135m'
 DEMO_CORPUS = Path(__file__).resolve().parent / 'demo_corpus'
 
 
+_DEMO_STARTED = time.time()
+
+
 def _stage(title: str) -> float:
-    print(f'\n=== {title}', flush=True)
+    print(f'\n=== {title} ({format_duration(time.time() - _DEMO_STARTED)} into the demo)', flush=True)
     return time.time()
 
 
 def run_logged(cmd: list[str], log_path: Path) -> None:
-    """Run a stage's command, streaming its output to the console and to ``log_path``."""
+    """Run a stage's command, streaming its output to the console and to ``log_path``; Composer's
+    ``[batch=N/M]`` lines are shown as the step, the rate and the stage's ETA."""
     print('$ ' + ' '.join(cmd), flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    timer = StepTimer()
     with open(log_path, 'a') as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if _worth_showing(line):
+            if (batch := parse_batch_line(line)) is not None:
+                timer.update(*batch)
+                print(f'  {timer.describe()}', flush=True)
+            elif _worth_showing(line):
                 print('  ' + line.rstrip(), flush=True)
         if proc.wait() != 0:
             raise SystemExit(f'stage failed (exit {proc.returncode}): {" ".join(cmd)}\nfull log: {log_path}')
 
 
 def _worth_showing(line: str) -> bool:
-    keys = ('[batch=', 'drp/domain_eval_loss/', 'drp/mixture/', 'drp/expected_num_parameters', 'wrote ',
+    keys = ('drp/domain_eval_loss/', 'drp/mixture/', 'drp/expected_num_parameters', 'wrote ',
             'Error', 'error:', 'parameters ')
     return any(k in line for k in keys)
 
