@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     t = _stage('4/6 export: fold masks, slice, write a HF directory')
     pruned_dir = work / 'models' / f'pruned-{args.policy}'
     run_logged([sys.executable, '-m', 'drp_foundry.export', str(work / prune_run / 'checkpoints' / 'latest-rank0.pt'),
-          str(pruned_dir), '--overwrite'], logs / 'export.log')
+          str(pruned_dir), '--overwrite', '--source', str(source)], logs / 'export.log')
     print(f'  ({time.time() - t:.0f}s)')
 
     continue_run = f'demo-continue-{args.policy}'
@@ -276,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     mixtures = {'prune': _final_mixture(work / prune_run / 'metrics.jsonl', domains),
                 'continue': _final_mixture(work / continue_run / 'metrics.jsonl', domains)}
     table = format_table(rows, mixtures)
+    from drp_foundry.model_card import add_domain_losses
+
+    add_domain_losses(pruned_dir, rows, note=(
+        f'Measured by the CPU demo (`python -m drp_foundry.demo`, policy {args.policy}): eval loss in nats/token on '
+        f'{args.max_seq_len}-token held-out samples of the demo corpus. `continued` is this model after '
+        f'{args.continue_steps} steps of continued pretraining (not the weights in this folder).'))
     plot_demo(work / prune_run / 'metrics.jsonl', work / continue_run / 'metrics.jsonl', domains,
               work / f'demo_{args.policy}.png')
     report = json.loads((pruned_dir / 'pruning_report.json').read_text())
@@ -288,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f'\nparameters: source {report["params_before"]:,} -> pruned {report["params_after"]:,}')
     print(f'sample from the continued model: {sample!r}')
-    print(f'plots: {work / f"demo_{args.policy}.png"}; report: {work / f"demo_{args.policy}.json"}')
+    print(f'plots: {work / f"demo_{args.policy}.png"}; report: {work / f"demo_{args.policy}.json"}; '
+          f'model card: {pruned_dir / "README.md"}')
     print(f'wall time: {time.time() - started:.0f}s')
     return 0
 
