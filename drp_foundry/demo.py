@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             'loggers.drp_jsonl.path': work / '{run_name}' / 'metrics.jsonl',
             'callbacks.drp_dynamic_loading.plot_folder': work / '{run_name}' / 'plots'}), logs / 'continue.log')
     continued_dir = work / continue_run / 'hf' / 'huggingface' / 'final'  # hf_checkpointer's layout
+    from drp_foundry.hf_tied_weights import store_tied_output_embedding
+
+    store_tied_output_embedding(continued_dir)  # hf_checkpointer leaves a tied lm_head out, as save_pretrained does
     print(f'  ({time.time() - t:.0f}s)')
 
     t = _stage('6/6 evaluate, tabulate, plot')
