@@ -34,7 +34,9 @@ Ordering in Composer 0.32 ``Trainer.__init__`` (checked in composer/trainer/trai
    state, so a resumed run draws the noise of the uninterrupted one.
 
 Every batch (``BATCH_END``) the algorithm logs through Composer's logger the expected kept
-fraction ``drp/expected_size/<granularity>`` and final target ``drp/target_size/<granularity>``,
+fraction ``drp/expected_size/<granularity>`` (for head and intermediate: the mean over layers
+of the per-layer fractions the Lagrangian constrains, with ``drp/expected_size_min/`` and
+``drp/expected_size_max/`` beside it) and final target ``drp/target_size/<granularity>``,
 ``drp/expected_num_parameters`` and ``drp/target_num_parameters`` and the multipliers
 ``drp/lambda_1/<granularity>``, ``drp/lambda_2/<granularity>``. The Lagrangian term itself is
 logged by ``LagrangianUpdater``.
@@ -137,7 +139,11 @@ def mask_metrics(mask_module: L0MaskModule) -> dict[str, float]:
                'drp/target_num_parameters': float(mask_module.target_num_parameters())}
     targets = mask_module.target_sizes()
     for key in mask_module.granularities:
-        metrics[f'drp/expected_size/{key}'] = float(snapshot['expected'][key])
+        expected = snapshot['expected'][key]  # one value per layer for head / intermediate
+        metrics[f'drp/expected_size/{key}'] = float(expected.mean())
+        if expected.dim() == 1:
+            metrics[f'drp/expected_size_min/{key}'] = float(expected.min())
+            metrics[f'drp/expected_size_max/{key}'] = float(expected.max())
         metrics[f'drp/target_size/{key}'] = targets[key]
         metrics[f'drp/lambda_1/{key}'] = float(snapshot['lambda_1'][key])
         metrics[f'drp/lambda_2/{key}'] = float(snapshot['lambda_2'][key])

@@ -220,11 +220,11 @@ class L0MaskModule(nn.Module):
 
     # --- sizes ------------------------------------------------------------------------------
     def expected_sizes(self) -> dict[str, torch.Tensor]:
-        """Expected kept fraction s_i per enabled granularity (differentiable)."""
+        """Expected kept fraction s_i per enabled granularity, per layer for head / intermediate (differentiable)."""
         return expected_fractions(self.source, self.prob_nonzero())
 
     def target_sizes(self) -> dict[str, float]:
-        """Final target fraction t_i per enabled granularity."""
+        """Final target fraction t_i per enabled granularity (the same for every layer)."""
         fractions = target_fractions(self.source, self.target)
         return {key: fractions[key] for key in self.granularities}
 
