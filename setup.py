@@ -34,6 +34,7 @@ ENTRY_POINTS = {
         'drp-prepare-data = data_prep.build_domain_mds:main',
         'drp-hf-corpora = data_prep.hf_corpora:main',
         'drp-export = drp_foundry.export:main',
+        'drp-prune-oneshot = drp_foundry.oneshot:main',
         'drp-eval = drp_foundry.eval.cli:main',
     ],
 }

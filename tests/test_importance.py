@@ -134,3 +134,42 @@ def test_mask_learner_init_argument_is_checked():
         MaskLearner(TARGET, init='magnitude')
     with pytest.raises(ValueError, match=r'drp_mask_learner\.calibration_batches'):
         MaskLearner(TARGET, init='importance', calibration_batches=0)
+
+
+# --- one-shot pruning (drp-prune-oneshot) ---------------------------------------------------
+
+def test_oneshot_cli_keeps_the_planted_units_and_writes_a_loadable_model(tmp_path, tiny_tokenizer_dir, capsys):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from drp_foundry.oneshot import main
+
+    model, planted = planted_model()
+    model.save_pretrained(tmp_path / 'source')
+    AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir)).save_pretrained(tmp_path / 'source')
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    words = 'the river city of old stone bridges carries trade and songs through every season'.split()
+    for domain, shift in (('a', 0), ('b', 3)):
+        lines = [json.dumps({'text': ' '.join(words[(i + shift) % len(words):] + words[:(i + shift) % len(words)])})
+                 for i in range(30)]
+        (corpus / f'{domain}.jsonl').write_text('\n'.join(lines) + '\n')
+    target = 'layers=2,hidden=48,heads=3,kv_heads=1,intermediate=80'
+    assert main([str(tmp_path / 'source'), str(tmp_path / 'out'), '--target', target, '--calibration', str(corpus),
+                 '--num-sequences', '8', '--seq-len', '16']) == 0
+    report = json.loads((tmp_path / 'out' / 'pruning_report.json').read_text())
+    assert [layer['source_index'] for layer in report['kept_layers']] == planted['layer']
+    for layer in report['kept_layers']:
+        assert layer['kv_groups'] == [planted['head'][layer['source_index']]]
+        assert layer['intermediate_dims'] == planted['intermediate'][layer['source_index']]
+    assert report['kept_hidden_dims'] == planted['hidden']
+    assert report['calibration_sequences'] == 8
+    pruned = AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out'))
+    assert sum(p.numel() for p in pruned.parameters()) == report['params_after'] < report['params_before']
+    assert main([str(tmp_path / 'source'), str(tmp_path / 'out'), '--target', target, '--calibration',
+                 str(corpus)]) == 2  # a non-empty output needs --overwrite
+    assert main([str(tmp_path / 'source'), str(tmp_path / 'out2'), '--target', 'layers=2,hidden=48',
+                 '--calibration', str(corpus)]) == 2
+    assert 'missing keys' in capsys.readouterr().err
+    assert not (tmp_path / 'out2').exists()
