@@ -131,14 +131,16 @@ def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
 class Run:
     """One path: its clock, its token count and its eval history."""
 
-    def __init__(self, key: str, eval_sets, log):
-        self.key, self.eval_sets, self.log = key, eval_sets, log
+    def __init__(self, key: str, eval_sets, log, plot_samples: int = 8):
+        self.key, self.eval_sets, self.log, self.plot_samples = key, eval_sets, log, plot_samples
         self.tokens = 0
         self.started = time.time()
         self.history: list[dict] = []
 
-    def record(self, model, stage: str, bf16: bool = True):
-        losses = evaluate(model, self.eval_sets, bf16=bf16)
+    def record(self, model, stage: str, final: bool = False):
+        """Eval along the way: the first ``plot_samples`` eval samples per domain, bf16; final: all, fp32."""
+        sets = self.eval_sets if final else {d: rows[:self.plot_samples] for d, rows in self.eval_sets.items()}
+        losses = evaluate(model, sets, bf16=not final)
         mean = sum(losses.values()) / len(losses)
         self.history.append({'tokens': self.tokens, 'stage': stage, 'mean': mean, 'worst': max(losses.values()),
                              'losses': losses, 'wall_s': round(time.time() - self.started, 1)})
@@ -179,7 +181,7 @@ def run_path(key: str, args, source_dir: Path, batches, calibration, eval_sets, 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(args.seed)
-    run = Run(key, eval_sets, log)
+    run = Run(key, eval_sets, log, args.plot_eval_samples)
     distil = key in ('b', 'c', 'd')
     teacher = load_teacher(source_dir) if distil else None
     prune_steps = int(round(args.prune_fraction * len(batches))) if key in ('a', 'b', 'c') else 0
@@ -229,7 +231,7 @@ def run_path(key: str, args, source_dir: Path, batches, calibration, eval_sets, 
     optimizer = make_optimizer(model, args.random_lr if key == 'e' else args.lr)
     train_stage(run, model, optimizer, cpt_batches, warmup_fraction=0.03 if key != 'e' else 0.1, teacher=teacher,
                 alpha=args.alpha, temperature=args.temperature, eval_every=eval_every, stage='continue')
-    final = run.record(model, 'final', bf16=False)
+    final = run.record(model, 'final', final=True)
     params = sum(p.numel() for p in model.parameters())
     return {'key': key, 'name': PATHS[key], 'tokens': run.tokens, 'prune_tokens': prune_steps * batches[0].numel(),
             'final': final, 'mean': sum(final.values()) / len(final), 'worst': max(final.values()),
@@ -281,6 +283,40 @@ def write_section(path: Path, body: str) -> None:
     path.write_text(text)
 
 
+def report(args, parser, results, source_losses, png, out_json, tokens, steps, started) -> None:
+    """Plot, and write the table into docs/RESULTS.md (finished paths; unfinished ones are named)."""
+    plot(results, sum(source_losses.values()) / len(source_losses), png)
+    command = ('python bench/quality_per_token.py --corpus ../shared/data/redpajama_sample'
+               + ''.join(f' --{k.replace("_", "-")} {v}' for k, v in vars(args).items()
+                         if k in ('tokens', 'paths', 'threads', 'prune_fraction', 'lr') and v != parser.get_default(k)))
+    body = ['## Quality per token (`bench/quality_per_token.py`)', '',
+            f'`{command}` (plot: `{png.relative_to(REPO) if png.is_relative_to(REPO) else png}`, every eval: '
+            f'`{out_json.name}`).', '',
+            f'SmolLM2-135M -> 20 layers / hidden 384 / 6q-2kv heads / FFN 1024 (50,347,392 parameters). '
+            f'Every path: {tokens:,} training tokens ({steps} steps x {args.batch_size} x {args.seq_len}; the demo '
+            f'uses 51,200), the same batches in the same order (paper RedPajama proportions, constant mixture, '
+            f'no data scheduler), bf16 autocast on CPU, torch threads {args.threads}, model lr {args.lr} '
+            f'((e): {args.random_lr}), mask/lambda lr {args.mask_lr}/{args.lambda_lr}, distillation alpha '
+            f'{args.alpha}, T {args.temperature}; (a)-(c) prune on {args.prune_fraction:.0%} of the tokens. '
+            f'Eval: per-domain held-out split of the demo (16 x {args.seq_len} tokens per domain), fp32, '
+            f'nats/token, of the exported dense model (plot points: the first {args.plot_eval_samples} samples per '
+            f'domain, bf16). One seed ({args.seed}); wall times on a shared, loaded '
+            f'2-core machine (another 1-core study ran beside it).', '',
+            table(results, source_losses), '']
+    for r in results:
+        exported = [h for h in r['history'] if h['stage'] == 'exported']
+        if exported and 'expected_params_at_export' in exported[0]:
+            body.append(f'- ({r["key"]}) at export: expected size {exported[0]["expected_params_at_export"] / 1e6:.1f}M; '
+                        f'layers with a count other than the target in eval mode: '
+                        f'{exported[0]["uneven_layers"] or "none"}')
+    missing = [f'({key}) {PATHS[key]}' for key in args.paths if key not in {r['key'] for r in results}]
+    if missing:
+        body.append(f'- **not finished** when this section was written: {", ".join(missing)}')
+    body.append(f'- wall time so far {time.time() - started:.0f}s (data, source eval, paths above)')
+    if args.results:
+        write_section(Path(args.results), '\n'.join(body))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--corpus', required=True, help='folder of <domain>.jsonl (the demo corpus)')
@@ -297,6 +333,8 @@ def main(argv=None) -> int:
     parser.add_argument('--alpha', type=float, default=0.5)
     parser.add_argument('--temperature', type=float, default=1.0)
     parser.add_argument('--evals', type=int, default=3, help='evals along continued pretraining (plot points)')
+    parser.add_argument('--plot-eval-samples', type=int, default=8,
+                        help='eval samples per domain for the evals along the way (bf16); the final eval uses all')
     parser.add_argument('--paths', default='abcde')
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--seed', type=int, default=17)
@@ -329,47 +367,27 @@ def main(argv=None) -> int:
 
     from transformers import AutoModelForCausalLM
 
-    source_model = AutoModelForCausalLM.from_pretrained(args.source, torch_dtype=torch.float32)
-    source_losses = evaluate(source_model, eval_sets)
-    del source_model
+    source_json = work / f'source_losses_{args.seq_len}.json'
+    if source_json.exists():  # the source model does not change between reruns on the same data
+        source_losses = json.loads(source_json.read_text())
+    else:
+        source_model = AutoModelForCausalLM.from_pretrained(args.source, torch_dtype=torch.float32)
+        source_losses = evaluate(source_model, eval_sets)
+        del source_model
+        source_json.write_text(json.dumps(source_losses))
     log(f'source mean {sum(source_losses.values()) / len(source_losses):.3f}')
 
     results = []
     out_json = work / 'quality_per_token.json'
+    png = work / 'quality_per_token.png'
     for key in args.paths:
         log(f'path ({key}) {PATHS[key]}')
         results.append(run_path(key, args, Path(args.source), batches, calibration, eval_sets, log))
         out_json.write_text(json.dumps({'args': vars(args), 'source': source_losses, 'results': results}, indent=2))
         log(f'  ({key}) final mean {results[-1]["mean"]:.3f} worst {results[-1]["worst"]:.3f} '
             f'({results[-1]["wall_s"]:.0f}s)')
+        report(args, parser, results, source_losses, png, out_json, tokens, steps, started)
 
-    png = work / 'quality_per_token.png'
-    plot(results, sum(source_losses.values()) / len(source_losses), png)
-    command = ('python bench/quality_per_token.py --corpus ../shared/data/redpajama_sample'
-               + ''.join(f' --{k.replace("_", "-")} {v}' for k, v in vars(args).items()
-                         if k in ('tokens', 'paths', 'threads', 'prune_fraction', 'lr') and v != parser.get_default(k)))
-    body = ['## Quality per token (`bench/quality_per_token.py`)', '',
-            f'`{command}` (plot: `{png.relative_to(REPO) if png.is_relative_to(REPO) else png}`, every eval: '
-            f'`{out_json.name}`).', '',
-            f'SmolLM2-135M -> 20 layers / hidden 384 / 6q-2kv heads / FFN 1024 (50,347,392 parameters). '
-            f'Every path: {tokens:,} training tokens ({steps} steps x {args.batch_size} x {args.seq_len}; the demo '
-            f'uses 51,200), the same batches in the same order (paper RedPajama proportions, constant mixture, '
-            f'no data scheduler), bf16 autocast on CPU, torch threads {args.threads}, model lr {args.lr} '
-            f'((e): {args.random_lr}), mask/lambda lr {args.mask_lr}/{args.lambda_lr}, distillation alpha '
-            f'{args.alpha}, T {args.temperature}; (a)-(c) prune on {args.prune_fraction:.0%} of the tokens. '
-            f'Eval: per-domain held-out split of the demo (16 x {args.seq_len} tokens per domain), fp32, '
-            f'nats/token, of the exported dense model. One seed ({args.seed}); wall times on a shared, loaded '
-            f'2-core machine (another 1-core study ran beside it).', '',
-            table(results, source_losses), '']
-    for r in results:
-        exported = [h for h in r['history'] if h['stage'] == 'exported']
-        if exported and 'expected_params_at_export' in exported[0]:
-            body.append(f'- ({r["key"]}) at export: expected size {exported[0]["expected_params_at_export"] / 1e6:.1f}M; '
-                        f'layers with a count other than the target in eval mode: '
-                        f'{exported[0]["uneven_layers"] or "none"}')
-    body.append(f'- total wall time {time.time() - started:.0f}s')
-    if args.results:
-        write_section(Path(args.results), '\n'.join(body))
     best = min(results, key=lambda r: r['mean'])
     log(table(results, source_losses))
     log(f'best path ({best["key"]}) {best["name"]}: mean eval loss {best["mean"]:.3f} nats at {best["tokens"]:,} tokens')
