@@ -173,3 +173,23 @@ def test_oneshot_cli_keeps_the_planted_units_and_writes_a_loadable_model(tmp_pat
                  '--calibration', str(corpus)]) == 2
     assert 'missing keys' in capsys.readouterr().err
     assert not (tmp_path / 'out2').exists()
+
+
+def test_calibration_sequences_from_data_prep_output_round_robin(tmp_path):
+    import numpy as np
+    from streaming import MDSWriter
+
+    from drp_foundry.oneshot import OneShotError, calibration_sequences, parse_target
+
+    for domain, (value, count) in {'a': (1, 5), 'b': (2, 2)}.items():
+        with MDSWriter(out=str(tmp_path / domain / 'train'), columns={'tokens': 'ndarray:int32'}) as writer:
+            for _ in range(count):
+                writer.write({'tokens': np.full(12, value, dtype=np.int32)})
+    rows = calibration_sequences(tmp_path, num_sequences=5, seq_len=8)
+    assert [int(row[0]) for row in rows] == [1, 2, 1, 2, 1]  # domains alternate until one runs out
+    assert all(row.numel() == 8 and row.dtype == torch.int64 for row in rows)
+    with pytest.raises(OneShotError, match='does not exist'):
+        calibration_sequences(tmp_path / 'missing', 4, 8)
+    assert parse_target('layers=2, hidden=48,heads=3,intermediate=80').kv_heads is None
+    with pytest.raises(OneShotError, match='layers=N'):
+        parse_target('layers=two')
