@@ -48,9 +48,11 @@ PATHS = ('oneshot', 'l0')
 # 20 minutes on 2 cores). See the note at PATH_CHOICE below.
 DEFAULT_PATH = 'oneshot'
 PATH_CHOICE = """one-shot importance pruning, then continued pretraining with distillation and the
-DRPruning scheduler: at CPU budgets (10^5 tokens) every step on the 135M masked model costs about
-twice a step on the 50M export, and learned masks start from a worse model than the importance
-top-k; bench/quality_per_token.py compares the paths at one token budget (docs/RESULTS.md)."""
+DRPruning scheduler. Why: in a CPU budget of about 10^5 tokens, a training step of the masked 135M
+model costs about 2.7x a step of the 50M export (measured: 12-16 s vs 4.5-5 s for 4 x 128 tokens,
+one thread, loaded machine), so every pruning step is paid in continued-pretraining steps, while
+the importance top-k is already a usable start (the same scores initialise the L0 path's masks,
+--path l0). bench/quality_per_token.py compares the paths at one token budget (docs/RESULTS.md)."""
 
 
 def _stage(title: str) -> float:
