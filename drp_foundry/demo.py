@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--prune-steps', type=int, default=20, help='l0 path: pruning steps')
     parser.add_argument('--mask-init', choices=('importance', 'constant'), default='importance',
                         help='l0 path: drp_mask_learner init (constant = the paper)')
-    parser.add_argument('--continue-steps', type=int, default=240)
+    parser.add_argument('--continue-steps', type=int, default=200)
     parser.add_argument('--continue-lr', type=float, default=3e-4)
     parser.add_argument('--distill-alpha', type=float, default=0.5,
                         help='weight of the KL to the source model (drp_distillation); 0 switches it off')
