@@ -172,7 +172,7 @@ def prune_directory(model_dir: str | Path, out_dir: str | Path, target: TargetAr
     if not (model_dir / 'config.json').is_file():
         raise OneShotError(f'MODEL {model_dir} is not a Hugging Face model directory (no config.json)')
     try:
-        check_output_dir(out_dir, overwrite)
+        check_output_dir(out_dir, overwrite, inputs=(model_dir, Path(calibration)))
     except ExportError as error:
         raise OneShotError(str(error)) from error
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
