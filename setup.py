@@ -14,6 +14,7 @@ ENTRY_POINTS = {
     'llmfoundry_algorithms': [
         'drp_mask_learner = drp_foundry.composer.mask_learner:MaskLearner',
         'drp_lagrangian = drp_foundry.composer.lagrangian_updater:LagrangianUpdater',
+        'drp_distillation = drp_foundry.composer.distillation:Distillation',
     ],
     'llmfoundry_dataloaders': [
         'drp_multidomain = drp_foundry.composer.multidomain_dataloader:build_multidomain_dataloader',
@@ -39,6 +40,7 @@ ENTRY_POINTS = {
         'drp-prepare-data = data_prep.build_domain_mds:main',
         'drp-hf-corpora = data_prep.hf_corpora:main',
         'drp-export = drp_foundry.export:main',
+        'drp-prune-oneshot = drp_foundry.oneshot:main',
         'drp-eval = drp_foundry.eval.cli:main',
     ],
 }

@@ -1,15 +1,22 @@
-"""The CPU demo: prune SmolLM2-135M with the DRPruning scheduler, export, continue pretraining.
+"""The CPU demo: prune SmolLM2-135M to 50.3M parameters, continue pretraining with the DRPruning scheduler.
 
 Each stage is the command a user runs on GPUs, chained::
 
     1. data_prep            corpus -> per-domain MDS shards (SmolLM2 tokenizer)
     2. eval source          per-domain loss of SmolLM2-135M
-    3. composer train.py yamls/demo/smollm2_prune.yaml      L0 masks + Lagrangian + scheduler
-    4. python -m drp_foundry.export CHECKPOINT OUT_DIR      fold masks, slice, HF directory
-    5. composer train.py yamls/demo/smollm2_continue.yaml   continued pretraining, same scheduler
+    3. prune, by one of two paths (``--path``):
+       l0:      composer train.py yamls/demo/smollm2_prune.yaml    L0 masks + Lagrangian + scheduler
+                (masks importance-initialised and the source distilled in, unless switched off)
+       oneshot: drp-prune-oneshot SOURCE OUT --target ... --calibration DATA   (activation importance)
+    4. python -m drp_foundry.export CHECKPOINT OUT_DIR      (l0) fold masks, slice, HF directory
+    5. composer train.py yamls/demo/smollm2_continue.yaml   continued pretraining, same scheduler,
+       distilling the source model (drp_distillation) unless ``--distill-alpha 0``
     6. eval pruned and continued models; table, plots, a generated sample
 
-    python -m drp_foundry.demo [--corpus DIR] [--policy drpruning]   # default corpus: the embedded sample
+    python -m drp_foundry.demo [--corpus DIR] [--policy drpruning] [--path l0]   # default corpus: the embedded sample
+
+Which path is the default and why: see ``DEFAULT_PATH`` below and docs/RESULTS.md
+(``bench/quality_per_token.py`` measures every path at one token budget).
 
 Reference losses (``sheared``, ``dro``, and ``drpruning`` before its first fit) are meant for
 the target size: ``--reference-losses FILE`` ({domain: loss}); without it the demo uses the
@@ -39,6 +46,17 @@ POLICIES = ('constant', 'sheared', 'dro', 'drpruning')  # the built-in policies 
 DEFAULT_SOURCE = REPO / 'models' / 'smollm2-135m'
 # The default corpus, shipped as package data (provenance and licenses in its README.md).
 DEMO_CORPUS = Path(__file__).resolve().parent / 'demo_corpus'
+TARGET = {'layers': 20, 'hidden': 384, 'heads': 6, 'kv_heads': 2, 'intermediate': 1024}  # smollm2_prune.yaml's
+PATHS = ('oneshot', 'l0')
+# The demo's default path: the one that gives the lowest eval loss in its CPU time budget (about
+# 20 minutes on 2 cores). See the note at PATH_CHOICE below.
+DEFAULT_PATH = 'oneshot'
+PATH_CHOICE = """one-shot importance pruning, then continued pretraining with distillation and the
+DRPruning scheduler. Why: in a CPU budget of about 10^5 tokens, a training step of the masked 135M
+model costs about 2.7x a step of the 50M export (measured: 12-16 s vs 4.5-5 s for 4 x 128 tokens,
+one thread, loaded machine), so every pruning step is paid in continued-pretraining steps, while
+the importance top-k is already a usable start (the same scores initialise the L0 path's masks,
+--path l0). bench/quality_per_token.py compares the paths at one token budget (docs/RESULTS.md)."""
 
 
 _DEMO_STARTED = time.time()
@@ -95,15 +113,28 @@ def scheduler_overrides(policy: str, reference_losses: dict[str, float] | None) 
             **{f'variables.reference_losses.{d}': round(v, 4) for d, v in reference_losses.items()}}
 
 
-def target_reference_losses(work: Path, given: str | None, source_losses: dict[str, float]
-                            ) -> tuple[dict[str, float], str]:
+def target_reference_losses(work: Path, given: str | None, source_losses: dict[str, float],
+                            path: str | None = None) -> tuple[dict[str, float], str]:
     """The reference losses for the scheduler and where they came from (see the module docstring)."""
     if given:
         return {d: float(v) for d, v in json.loads(Path(given).read_text()).items()}, given
-    pilot = work / 'loss_continued_constant.json'
-    if pilot.exists():
-        return json.loads(pilot.read_text()), f'{pilot} (constant-policy pilot at the target size)'
+    for pilot in ([work / f'loss_continued_{path}_constant.json'] if path else []) + \
+            [work / 'loss_continued_constant.json']:
+        if pilot.exists():
+            return json.loads(pilot.read_text()), f'{pilot} (constant-policy pilot at the target size)'
     return source_losses, 'the source model (a stand-in: run --policy constant first for target-size references)'
+
+
+def distillation_overrides(source: Path, alpha: float, temperature: float = 1.0) -> dict[str, object]:
+    """YAML overrides that add ``drp_distillation`` (the source model as teacher); none when alpha is 0."""
+    if alpha <= 0:
+        return {}
+    return {'algorithms.drp_distillation.teacher': source, 'algorithms.drp_distillation.alpha': alpha,
+            'algorithms.drp_distillation.temperature': temperature}
+
+
+def target_argument(target: dict[str, int] = TARGET) -> str:
+    return ','.join(f'{key}={value}' for key, value in target.items())
 
 
 def _eval(model_dir: Path, data_root: Path, max_seq_len: int, out_json: Path) -> dict[str, float]:
@@ -139,7 +170,7 @@ def format_table(rows: dict[str, dict[str, float]], mixtures: dict[str, dict[str
     return '\n'.join(lines)
 
 
-def plot_demo(prune_metrics: Path, continue_metrics: Path, domains: list[str], out_png: Path) -> None:
+def plot_demo(prune_metrics: Path | None, continue_metrics: Path, domains: list[str], out_png: Path) -> None:
     """Mixture over time, per-domain eval loss, expected size against target (one PNG)."""
     import matplotlib
 
@@ -148,7 +179,8 @@ def plot_demo(prune_metrics: Path, continue_metrics: Path, domains: list[str], o
 
     from drp_foundry.composer.jsonl_metrics_logger import read_metrics
 
-    prune, cont = read_metrics(prune_metrics), read_metrics(continue_metrics)
+    prune = read_metrics(prune_metrics) if prune_metrics is not None and prune_metrics.exists() else {}
+    cont = read_metrics(continue_metrics)
     offset = max((s for s, _ in prune.get('drp/expected_num_parameters', [(0, 0)])), default=0)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = plt.get_cmap('tab10')
@@ -197,9 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--policy', choices=POLICIES, default='drpruning')
     parser.add_argument('--source', default=str(DEFAULT_SOURCE), help='HF directory of the source model')
     parser.add_argument('--work', default='runs/demo', help='where runs, models and the report go')
-    parser.add_argument('--prune-steps', type=int, default=60)
-    parser.add_argument('--continue-steps', type=int, default=40)
-    parser.add_argument('--eval-every', type=int, default=10)
+    parser.add_argument('--path', choices=PATHS, default=DEFAULT_PATH,
+                        help=f'how to prune: oneshot (activation importance) or l0 (learned masks); default '
+                             f'{DEFAULT_PATH}')
+    parser.add_argument('--prune-steps', type=int, default=20, help='l0 path: pruning steps')
+    parser.add_argument('--mask-init', choices=('importance', 'constant'), default='importance',
+                        help='l0 path: drp_mask_learner init (constant = the paper)')
+    parser.add_argument('--continue-steps', type=int, default=200)
+    parser.add_argument('--continue-lr', type=float, default=3e-4)
+    parser.add_argument('--distill-alpha', type=float, default=0.5,
+                        help='weight of the KL to the source model (drp_distillation); 0 switches it off')
+    parser.add_argument('--eval-every', type=int, default=20)
     parser.add_argument('--max-seq-len', type=int, default=128)
     parser.add_argument('--reference-losses', help='JSON {domain: loss} for a model of the target size')
     parser.add_argument('--fresh', action='store_true', help='delete --work first')
@@ -231,30 +271,44 @@ def main(argv: list[str] | None = None) -> int:
     source_losses = _eval(source, data_root, args.max_seq_len, work / 'loss_source.json')
     print('  ' + ', '.join(f'{d} {v:.3f}' for d, v in source_losses.items()) + f' ({time.time() - t:.0f}s)')
 
-    references, origin = target_reference_losses(work, args.reference_losses, source_losses)
+    references, origin = target_reference_losses(work, args.reference_losses, source_losses, args.path)
     if args.policy != 'constant':
         print(f'  reference losses from {origin}')
     common = {'variables.data_root': data_root, 'variables.max_seq_len': args.max_seq_len,
               'variables.eval_every': args.eval_every, **scheduler_overrides(args.policy, references)}
     prune_run = f'demo-prune-{args.policy}'
-    t = _stage(f'3/6 prune ({args.prune_steps} steps, policy {args.policy})')
-    if finished(work / prune_run / 'checkpoints', args.prune_steps):
-        print('  already done')
+    pruned_dir = work / 'models' / f'pruned-{args.path}-{args.policy}'
+    distill = distillation_overrides(source, args.distill_alpha)
+    if args.path == 'oneshot':
+        t = _stage('3/6 prune: one-shot activation importance (drp-prune-oneshot)')
+        if (pruned_dir / 'pruning_report.json').exists():
+            print('  already done')
+        else:
+            run_logged([sys.executable, '-m', 'drp_foundry.oneshot', str(source), str(pruned_dir), '--target',
+                        target_argument(), '--calibration', str(data_root), '--num-sequences', '64', '--seq-len',
+                        str(args.max_seq_len), '--overwrite'], logs / 'prune.log')
+        print(f'  ({time.time() - t:.0f}s)')
+        _stage('4/6 export: not needed (the one-shot tool wrote the HF directory)')
     else:
-        run_logged(train_command('yamls/demo/smollm2_prune.yaml', {
-            **common, 'variables.source_model': source, 'variables.run_name': prune_run,
-            'variables.steps': args.prune_steps, 'save_folder': work / prune_run / 'checkpoints',
-            'loggers.drp_jsonl.path': work / '{run_name}' / 'metrics.jsonl',
-            'callbacks.drp_dynamic_loading.plot_folder': work / '{run_name}' / 'plots'}), logs / 'prune.log')
-    print(f'  ({time.time() - t:.0f}s)')
+        t = _stage(f'3/6 prune ({args.prune_steps} steps, policy {args.policy}, masks {args.mask_init})')
+        if finished(work / prune_run / 'checkpoints', args.prune_steps):
+            print('  already done')
+        else:
+            run_logged(train_command('yamls/demo/smollm2_prune.yaml', {
+                **common, 'variables.source_model': source, 'variables.run_name': prune_run,
+                'variables.steps': args.prune_steps, 'save_folder': work / prune_run / 'checkpoints',
+                'algorithms.drp_mask_learner.init': args.mask_init, **distill,
+                'loggers.drp_jsonl.path': work / '{run_name}' / 'metrics.jsonl',
+                'callbacks.drp_dynamic_loading.plot_folder': work / '{run_name}' / 'plots'}), logs / 'prune.log')
+        print(f'  ({time.time() - t:.0f}s)')
 
-    t = _stage('4/6 export: fold masks, slice, write a HF directory')
-    pruned_dir = work / 'models' / f'pruned-{args.policy}'
-    run_logged([sys.executable, '-m', 'drp_foundry.export', str(work / prune_run / 'checkpoints' / 'latest-rank0.pt'),
-          str(pruned_dir), '--overwrite', '--source', str(source)], logs / 'export.log')
-    print(f'  ({time.time() - t:.0f}s)')
+        t = _stage('4/6 export: fold masks, slice, write a HF directory')
+        run_logged([sys.executable, '-m', 'drp_foundry.export',
+                    str(work / prune_run / 'checkpoints' / 'latest-rank0.pt'), str(pruned_dir), '--overwrite',
+                    '--source', str(source)], logs / 'export.log')
+        print(f'  ({time.time() - t:.0f}s)')
 
-    continue_run = f'demo-continue-{args.policy}'
+    continue_run = f'demo-continue-{args.path}-{args.policy}'
     t = _stage(f'5/6 continued pretraining ({args.continue_steps} steps, policy {args.policy})')
     if finished(work / continue_run / 'checkpoints', args.continue_steps):
         print('  already done')
@@ -262,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         run_logged(train_command('yamls/demo/smollm2_continue.yaml', {
             **common, 'variables.model_dir': pruned_dir, 'variables.run_name': continue_run,
             'variables.steps': args.continue_steps, 'save_folder': work / continue_run / 'checkpoints',
+            'optimizer.lr': args.continue_lr, **distill,
             'callbacks.hf_checkpointer.save_folder': work / continue_run / 'hf',
             'loggers.drp_jsonl.path': work / '{run_name}' / 'metrics.jsonl',
             'callbacks.drp_dynamic_loading.plot_folder': work / '{run_name}' / 'plots'}), logs / 'continue.log')
@@ -273,11 +328,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t = _stage('6/6 evaluate, tabulate, plot')
     rows = {'source': source_losses,
-            'pruned': _eval(pruned_dir, data_root, args.max_seq_len, work / f'loss_pruned_{args.policy}.json'),
+            'pruned': _eval(pruned_dir, data_root, args.max_seq_len, work / f'loss_pruned_{args.path}_{args.policy}.json'),
             'continued': _eval(continued_dir, data_root, args.max_seq_len,
-                               work / f'loss_continued_{args.policy}.json')}
-    mixtures = {'prune': _final_mixture(work / prune_run / 'metrics.jsonl', domains),
-                'continue': _final_mixture(work / continue_run / 'metrics.jsonl', domains)}
+                               work / f'loss_continued_{args.path}_{args.policy}.json')}
+    prune_metrics = work / prune_run / 'metrics.jsonl' if args.path == 'l0' else None
+    mixtures = {'continue': _final_mixture(work / continue_run / 'metrics.jsonl', domains)}
+    if prune_metrics is not None:
+        mixtures = {'prune': _final_mixture(prune_metrics, domains), **mixtures}
     table = format_table(rows, mixtures)
     from drp_foundry.model_card import add_domain_losses
 
@@ -285,11 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         f'Measured by the CPU demo (`python -m drp_foundry.demo`, policy {args.policy}): eval loss in nats/token on '
         f'{args.max_seq_len}-token held-out samples of the demo corpus. `continued` is this model after '
         f'{args.continue_steps} steps of continued pretraining (not the weights in this folder).'))
-    plot_demo(work / prune_run / 'metrics.jsonl', work / continue_run / 'metrics.jsonl', domains,
+    plot_demo(prune_metrics, work / continue_run / 'metrics.jsonl', domains,
               work / f'demo_{args.policy}.png')
     report = json.loads((pruned_dir / 'pruning_report.json').read_text())
     sample = generate_sample(continued_dir)
-    summary = {'policy': args.policy, 'losses': rows, 'final_mixtures': mixtures,
+    summary = {'policy': args.policy, 'path': args.path, 'distill_alpha': args.distill_alpha,
+               'train_tokens': (args.prune_steps * (args.path == 'l0') + args.continue_steps) * 4 * args.max_seq_len,
+               'losses': rows, 'final_mixtures': mixtures,
                'params_source': report['params_before'], 'params_pruned': report['params_after'],
                'sample': sample, 'wall_time_s': round(time.time() - started, 1)}
     (work / f'demo_{args.policy}.json').write_text(json.dumps(summary, indent=2))

@@ -23,7 +23,7 @@ def pruning_checkpoint(tmp_path_factory, tiny_tokenizer):
     from llmfoundry.models.hf import ComposerHFCausalLM
 
     from drp_foundry.composer.mask_learner import MaskLearner
-    from drp_foundry.scheduling.policies import build_policy
+    from drp_foundry.scheduling.registry import build_policy
 
     root = tmp_path_factory.mktemp('card_run')
     from transformers import AutoModelForCausalLM
@@ -42,7 +42,7 @@ def pruning_checkpoint(tmp_path_factory, tiny_tokenizer):
     trainer.fit()
     path = root / 'checkpoints' / 'ep0-ba3-rank0.pt'
     checkpoint = torch.load(path, weights_only=False)
-    policy = build_policy('constant', DOMAINS, [0.7, 0.3])
+    policy = build_policy({'name': 'constant'}, DOMAINS, [0.7, 0.3])
     policy.q = policy.q[::-1].copy()
     policy.num_updates, policy.last_update_step = 2, 3
     checkpoint['state']['callbacks']['DynamicLoading'] = {'policy_state': policy.state_dict(), 'trajectory': []}

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from drp_foundry.composer.lagrangian_updater import LagrangianUpdater, apply_lagrangian, lagrangian_for_step
 from drp_foundry.composer.mask_learner import GROUP_KEY, MaskLearner, apply_mask_learner, find_mask_module
+from drp_foundry.pruning.export import fold_and_slice
 from drp_foundry.pruning.lagrangian import lagrangian_terms, ramped_target
 
 LLAMA_TARGET = dict(layers=2, hidden=32, heads=2, intermediate=64)
@@ -54,8 +55,9 @@ def test_apply_lagrangian_adds_the_ramped_penalty():
     loss = torch.tensor(3.0)
     total = apply_lagrangian(model, loss, step=5, warmup_steps=10)
     expected, targets = masks.expected_sizes(), masks.target_sizes()
-    manual = sum(0.5 * (expected[k] - (1 + (targets[k] - 1) * 0.5)) + 0.5 * (expected[k] - (1 + (targets[k] - 1) * 0.5))
-                 ** 2 for k in expected)
+    assert expected['head'].shape == (masks.source.num_layers,)  # one constraint per layer
+    manual = sum((0.5 * (expected[k] - (1 + (targets[k] - 1) * 0.5)) + 0.5 * (expected[k] - (1 + (targets[k] - 1) * 0.5))
+                  ** 2).mean() for k in expected)
     assert total.item() == pytest.approx(3.0 + manual.item(), rel=1e-6)
 
 
@@ -244,8 +246,14 @@ def test_composer_pruning_run_reaches_the_target_llama():
     assert_reached_target(curve, masks, 'tiny Llama (Composer Trainer)')
 
 
-def test_functional_pruning_run_reaches_the_target_gqa():
-    """apply_mask_learner + apply_lagrangian in a plain loop (no Trainer) on the Qwen2 GQA model."""
+def test_functional_pruning_run_reaches_the_target_in_every_layer_gqa():
+    """apply_mask_learner + apply_lagrangian in a plain loop (no Trainer) on the Qwen2 GQA model.
+
+    The per-layer Lagrangian (Sheared LLaMA's) ends with the target counts of KV groups and FFN
+    units in every layer of the eval-mode (deterministic, ``eval_mask_mode: expected``) masks, so
+    the masked model in eval mode and the exported model have the same loss. (With the former
+    aggregate constraint this run ended with [1, 0, 1, 1] groups and [92, 61, 75, 46] units.)
+    """
     torch.manual_seed(0)
     config = tiny_gqa_config()
     model = AutoModelForCausalLM.from_config(config, attn_implementation='sdpa').train()
@@ -265,8 +273,23 @@ def test_functional_pruning_run_reaches_the_target_gqa():
         if step % 30 == 0 or step == steps - 1:
             terms = masks.last_size_terms
             curve.append((step, round(terms['num_parameters'].item() / target_params, 4),
-                          {key: round(value.item(), 4) for key, value in terms['expected'].items()}))
+                          {key: round(value.mean().item(), 4) for key, value in terms['expected'].items()}))
     assert_reached_target(curve, masks, 'tiny Qwen2 GQA (functional API)')
+    for key, value in masks.last_size_terms['expected'].items():  # every layer, not just the mean
+        assert (value - masks.target_sizes()[key]).abs().max() < 0.02, (key, value)
+    counts = masks.keep_counts('expected')
+    assert counts['layer'] == GQA_TARGET['layers'] and counts['hidden'] == GQA_TARGET['hidden']
+    assert counts['head'].tolist() == [1] * config.num_hidden_layers  # 3 query heads = 1 of 2 KV groups
+    assert counts['intermediate'].tolist() == [GQA_TARGET['intermediate']] * config.num_hidden_layers
+    model.eval()
+    batch = torch.randint(0, config.vocab_size, (8, 17), generator=generator)
+    with torch.no_grad():
+        masked_loss = model(input_ids=batch, labels=batch).loss.item()  # deterministic 'expected' masks
+        exported, report = fold_and_slice(model, masks.deterministic('target'))
+        exported_loss = exported(input_ids=batch, labels=batch).loss.item()
+    assert report.params_after == masks.target_num_parameters()
+    assert abs(masked_loss - exported_loss) < 1e-4, (masked_loss, exported_loss)
+    model.train()
     # and the pending terms were consumed each step (no stale graph kept across steps)
     assert masks.pending_size_terms is None
     total, _, _ = lagrangian_for_step(masks, steps, warmup)

@@ -1,9 +1,11 @@
 """Add the Lagrangian size penalty of paper eq. (1) to the training loss (registered as ``drp_lagrangian``).
 
-At ``AFTER_LOSS`` of every microbatch: ``loss += sum_i lambda1_i (s_i - t_i) + lambda2_i (s_i - t_i)^2``
-over the pruned granularities, with s_i the expected kept fraction of the current masks and
+At ``AFTER_LOSS`` of every microbatch: ``loss += sum_i mean_l [lambda1_i (s_il - t_i) + lambda2_i (s_il - t_i)^2]``
+over the pruned granularities, with s_il the expected kept fraction of the current masks (per layer
+for head and intermediate, ``drp_foundry.pruning.lagrangian``) and
 t_i the target ramped linearly from 1 (the source) to the final target over the first
-``warmup_steps`` batches (default 20% of ``max_duration``; Sheared LLaMA: 640 of 3,200). The
+``warmup_steps`` batches (default 20% of ``max_duration``; Sheared LLaMA: 640 of 3,200; no ramp
+when the masks start at the target, ``drp_mask_learner`` ``init: importance``). The
 masks descend the penalty and the lambdas ascend it (gradient reversal, see
 ``drp_foundry.pruning.lagrangian``). Composer scales each microbatch loss by its share of the
 batch, so the penalty counts once per optimizer step whatever the microbatching.
@@ -46,7 +48,8 @@ def lagrangian_for_step(mask_module: L0MaskModule, step: int,
     if terms is None:
         terms = mask_module.size_terms()
     final_targets = mask_module.target_sizes()
-    targets = {key: ramped_target(1.0, final_targets[key], step, warmup_steps) for key in final_targets}
+    starts = mask_module.ramp_start_sizes()  # 1.0 (the source); the target itself after importance init
+    targets = {key: ramped_target(starts[key], final_targets[key], step, warmup_steps) for key in final_targets}
     penalties = lagrangian_terms(terms['expected'], targets, terms['lambda_1'], terms['lambda_2'])
     total = torch.stack(list(penalties.values())).sum()
     return total, penalties, targets

@@ -34,7 +34,9 @@ Ordering in Composer 0.32 ``Trainer.__init__`` (checked in composer/trainer/trai
    state, so a resumed run draws the noise of the uninterrupted one.
 
 Every batch (``BATCH_END``) the algorithm logs through Composer's logger the expected kept
-fraction ``drp/expected_size/<granularity>`` and final target ``drp/target_size/<granularity>``,
+fraction ``drp/expected_size/<granularity>`` (for head and intermediate: the mean over layers
+of the per-layer fractions the Lagrangian constrains, with ``drp/expected_size_min/`` and
+``drp/expected_size_max/`` beside it) and final target ``drp/target_size/<granularity>``,
 ``drp/expected_num_parameters`` and ``drp/target_num_parameters`` and the multipliers
 ``drp/lambda_1/<granularity>``, ``drp/lambda_2/<granularity>``. The Lagrangian term itself is
 logged by ``LagrangianUpdater``.
@@ -42,6 +44,8 @@ logged by ``LagrangianUpdater``.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -55,12 +59,12 @@ from drp_foundry.composer.hf_model import unwrap_hf_model
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
 from drp_foundry.pruning.expected_size import GRANULARITIES
 from drp_foundry.pruning.hf_injection import get_mask_module, inject_masks
-from drp_foundry.pruning.mask_module import EVAL_MODES, L0MaskModule
+from drp_foundry.pruning.mask_module import EVAL_MODES, INIT_MODES, L0MaskModule
 
 log = logging.getLogger(__name__)
 
 __all__ = ['MaskLearner', 'apply_mask_learner', 'find_hf_model', 'find_mask_module', 'add_mask_param_groups',
-           'mask_metrics']
+           'init_masks_from_importance', 'mask_metrics']
 
 GROUP_KEY = 'drp_group'  # marks our param groups: 'masks' or 'lambdas'
 
@@ -101,13 +105,15 @@ def apply_mask_learner(model: torch.nn.Module, target: Union[TargetArchitecture,
                        optimizers: Optional[Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]] = None,
                        mask_lr: float = 1.0, lambda_lr: float = 1.0, granularities: Iterable[str] = GRANULARITIES,
                        init_mean: float = 5.0, init_std: float = 0.01,
-                       eval_mask_mode: str = 'expected', key_prefix: str = 'target') -> L0MaskModule:
+                       eval_mask_mode: str = 'expected', key_prefix: str = 'target',
+                       init: str = 'constant') -> L0MaskModule:
     """Attach L0 masks to ``model`` (HF model or Composer HF wrapper) and register them with ``optimizers``.
 
     ``target``: a ``TargetArchitecture`` or a mapping with keys layers, hidden, heads,
     intermediate (and kv_heads; derived from the GQA ratio when left out). Raises
     ``ValueError`` naming the key (``<key_prefix>.<key>``) when the target cannot be reached
-    from the model.
+    from the model. ``init='importance'`` marks the masks as importance-initialised (the
+    Lagrangian then does not ramp); call ``init_masks_from_importance`` before training.
     Returns the mask module (also reachable as ``hf_model.drp_masks``).
     """
     hf_model = find_hf_model(model)
@@ -116,7 +122,7 @@ def apply_mask_learner(model: torch.nn.Module, target: Union[TargetArchitecture,
         target = TargetArchitecture.from_config(target, key_prefix=key_prefix)
     target = target.resolve(source, key_prefix=key_prefix)
     mask_module = L0MaskModule(source, target, granularities=granularities, init_mean=init_mean, init_std=init_std,
-                               eval_mode=eval_mask_mode)
+                               eval_mode=eval_mask_mode, init=init)
     device = next(hf_model.parameters()).device
     if device.type != 'meta':  # a meta model (FSDP 'mixed' init on ranks > 0) gets real CPU masks that FSDP moves
         mask_module.to(device=device)
@@ -128,6 +134,27 @@ def apply_mask_learner(model: torch.nn.Module, target: Union[TargetArchitecture,
     return mask_module
 
 
+def init_masks_from_importance(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
+    """Score the model on ``batches`` (``pruning/importance.py``) and set the masks' log-alphas from the scores.
+
+    Under ``torch.distributed`` the scores are averaged over ranks first, so every rank sets the
+    same masks. Returns the scores.
+    """
+    from drp_foundry.pruning.importance import activation_importance
+
+    hf_model = find_hf_model(model)
+    mask_module = find_mask_module(model)
+    scores = activation_importance(hf_model, batches)
+    if dist.get_world_size() > 1:
+        device = mask_module.log_alpha(mask_module.granularities[0]).device
+        for key in scores:
+            value = scores[key].to(device)
+            dist.all_reduce(value, reduce_operation='SUM')
+            scores[key] = value.cpu() / dist.get_world_size()
+    mask_module.init_from_importance(scores)
+    return scores
+
+
 def mask_metrics(mask_module: L0MaskModule) -> dict[str, float]:
     """Sizes and multipliers to log (plain floats)."""
     snapshot = mask_module.last_size_terms
@@ -137,7 +164,11 @@ def mask_metrics(mask_module: L0MaskModule) -> dict[str, float]:
                'drp/target_num_parameters': float(mask_module.target_num_parameters())}
     targets = mask_module.target_sizes()
     for key in mask_module.granularities:
-        metrics[f'drp/expected_size/{key}'] = float(snapshot['expected'][key])
+        expected = snapshot['expected'][key]  # one value per layer for head / intermediate
+        metrics[f'drp/expected_size/{key}'] = float(expected.mean())
+        if expected.dim() == 1:
+            metrics[f'drp/expected_size_min/{key}'] = float(expected.min())
+            metrics[f'drp/expected_size_max/{key}'] = float(expected.max())
         metrics[f'drp/target_size/{key}'] = targets[key]
         metrics[f'drp/lambda_1/{key}'] = float(snapshot['lambda_1'][key])
         metrics[f'drp/lambda_2/{key}'] = float(snapshot['lambda_2'][key])
@@ -156,11 +187,19 @@ class MaskLearner(Algorithm):
             (see ``drp_foundry.pruning.mask_module``).
         mask_lr_follows_schedule: the mask/lambda groups take the LR scheduler's multiplier
             like the model (default, research code); False keeps them at their base lr.
+        init: ``constant`` (default, the paper: log-alphas N(init_mean, init_std^2)) or
+            ``importance`` (ours): at ``FIT_START`` of a fresh run, score layers / KV groups / FFN
+            units / hidden channels on the first ``calibration_batches`` batches of the train
+            loader (the batches the run then trains on; the masks at 1) and set the log-alphas so
+            that the first deterministic masks are the importance top-k at the target; the
+            Lagrangian target then starts at the target (no ramp).
+        calibration_batches: batches scored for ``init: importance`` (default 4).
     """
 
     def __init__(self, target: Mapping[str, Any], mask_lr: float = 1.0, lambda_lr: float = 1.0,
                  granularities: Sequence[str] = GRANULARITIES, init_mean: float = 5.0, init_std: float = 0.01,
-                 eval_mask_mode: str = 'expected', mask_lr_follows_schedule: bool = True):
+                 eval_mask_mode: str = 'expected', mask_lr_follows_schedule: bool = True, init: str = 'constant',
+                 calibration_batches: int = 4):
         if isinstance(target, TargetArchitecture):
             target = target.to_dict()
         if not isinstance(target, Mapping):
@@ -184,10 +223,19 @@ class MaskLearner(Algorithm):
         self.init_mean, self.init_std = float(init_mean), float(init_std)
         self.eval_mask_mode = eval_mask_mode
         self.mask_lr_follows_schedule = bool(mask_lr_follows_schedule)
+        if init not in INIT_MODES:
+            raise ValueError(f'drp_mask_learner.init must be one of {INIT_MODES}, got {init!r}')
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+            raise ValueError(f'drp_mask_learner.calibration_batches must be a positive integer, got '
+                             f'{calibration_batches!r}')
+        self.init = init
+        self.calibration_batches = calibration_batches
 
     def match(self, event: Event, state: State) -> bool:
         if event == Event.BATCH_START:
             return not self.mask_lr_follows_schedule
+        if event == Event.FIT_START:
+            return self.init == 'importance'
         return event in (Event.INIT, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -202,10 +250,14 @@ class MaskLearner(Algorithm):
             mask_module = apply_mask_learner(
                 state.model, self.target, optimizers=state.optimizers, mask_lr=self.mask_lr, lambda_lr=self.lambda_lr,
                 granularities=self.granularities, init_mean=self.init_mean, init_std=self.init_std,
-                eval_mask_mode=self.eval_mask_mode, key_prefix='drp_mask_learner.target')
+                eval_mask_mode=self.eval_mask_mode, key_prefix='drp_mask_learner.target', init=self.init)
             # noise seeded by the run, drawn per rank; a checkpoint load restores seed and counter
             mask_module.noise_seed = int(state.rank_zero_seed)
             mask_module.noise_rank = dist.get_global_rank()
+        elif event == Event.FIT_START:
+            if int(state.timestamp.batch) > 0:  # resumed: the checkpoint's masks are the trained ones
+                return
+            self._init_from_importance(state, logger)
         elif event == Event.BATCH_START:
             for optimizer in ensure_tuple(state.optimizers):
                 for group in optimizer.param_groups:
@@ -213,3 +265,23 @@ class MaskLearner(Algorithm):
                         group['lr'] = group['initial_lr']
         elif event == Event.BATCH_END:
             logger.log_metrics(mask_metrics(find_mask_module(state.model)))
+
+    def _init_from_importance(self, state: State, logger: Logger) -> None:
+        if state.dataloader is None:
+            raise ValueError('drp_mask_learner.init: importance needs a train dataloader to take calibration batches from')
+        batches = []
+        for batch in itertools.islice(state.dataloader, self.calibration_batches):
+            batch = state.device.batch_to_device(batch)
+            batches.append({key: batch[key] for key in ('input_ids', 'attention_mask') if key in batch})
+        if not batches:
+            raise ValueError('drp_mask_learner.init: importance found no batch in the train dataloader')
+        context = contextlib.nullcontext()
+        if state.fsdp_config is not None and dist.get_world_size() > 1:  # untested: no multi-rank FSDP here
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            context = FullyShardedDataParallel.summon_full_params(state.model, writeback=True)
+        with context:
+            init_masks_from_importance(state.model, batches)
+        masks = find_mask_module(state.model)
+        kept = {key: int((mask != 0).sum()) for key, mask in masks.deterministic('target').items()}
+        log.info('drp_mask_learner: masks initialised from activation importance on %d batches; kept %s',
+                 len(batches), kept)

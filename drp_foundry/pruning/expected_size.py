@@ -19,6 +19,13 @@ r = H / G query heads per group, d_h the head dim:
                         + 3 * f_l * h + mlp_bias * (2 f_l + h) ]
     plus  V * h (embeddings) + V * h (LM head, if untied) + h (final norm).
 
+The size constraint of the Lagrangian does not use this count: like Sheared LLaMA's L0
+module (``calculate_expected_score_sparsity``), it constrains every mask separately and, for
+the per-layer masks (head, intermediate), every layer separately (``expected_fractions`` /
+``target_fractions``; the penalties are averaged over layers in ``pruning/lagrangian.py``).
+Only this parameter count couples the masks (a head of a dropped layer counts nothing); the
+data scheduler and the logs read it.
+
 Pure torch: no Composer or LLM-Foundry import.
 """
 
@@ -85,28 +92,29 @@ def expected_num_parameters(arch: DecoderArchitecture, probs: Mapping[str, torch
 
 
 def expected_fractions(arch: DecoderArchitecture, probs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Expected kept fraction s_i of each granularity given in ``probs`` (the Lagrangian's s).
+    """Expected kept fraction of every mask given in ``probs``, per layer (the Lagrangian's s).
 
-    layer: sum_l p_l / L;  head: sum_l p_l sum_g P(head_lg) / (L G);
-    intermediate: sum_l p_l sum_j P(ffn_lj) / (L F);  hidden: sum_d P(hidden_d) / D.
+    As in Sheared LLaMA's L0 module, each granularity's constraint is on its own mask, row by
+    row, with no coupling to the layer mask: ``layer``: sum_l p_l / L (a scalar);
+    ``head``: sum_g P(head_lg) / G for every layer l (shape (L,)); ``intermediate``:
+    sum_j P(ffn_lj) / F per layer (shape (L,)); ``hidden``: sum_d P(hidden_d) / D (a scalar).
+    The coupling between masks lives only in ``expected_num_parameters``.
     """
     p = _full_probs(arch, probs)
-    layer = p['layer']
     fractions = {
-        'layer': layer.mean(),
-        'head': (layer * p['head'].sum(dim=1)).sum() / (arch.num_layers * arch.num_kv_heads),
-        'intermediate': (layer * p['intermediate'].sum(dim=1)).sum() / (arch.num_layers * arch.intermediate_size),
+        'layer': p['layer'].mean(),
+        'head': p['head'].mean(dim=1),
+        'intermediate': p['intermediate'].mean(dim=1),
         'hidden': p['hidden'].mean(),
     }
     return {key: fractions[key] for key in GRANULARITIES if key in probs}
 
 
 def target_fractions(arch: DecoderArchitecture, target: TargetArchitecture) -> dict[str, float]:
-    """The kept fraction t_i of each granularity once ``target`` is reached (matches ``expected_fractions``)."""
-    layer = target.layers / arch.num_layers
+    """The kept fraction t_i of every mask (every row of a per-layer mask) once ``target`` is reached."""
     return {
-        'layer': layer,
-        'head': layer * target.kv_heads / arch.num_kv_heads,
-        'intermediate': layer * target.intermediate / arch.intermediate_size,
+        'layer': target.layers / arch.num_layers,
+        'head': target.kv_heads / arch.num_kv_heads,
+        'intermediate': target.intermediate / arch.intermediate_size,
         'hidden': target.hidden / arch.hidden_size,
     }

@@ -3,7 +3,14 @@
 For every pruned granularity i (layer, head, intermediate, hidden) with expected kept
 fraction s_i and (ramped) target fraction t_i:
 
-    penalty_i = lambda1_i * (s_i - t_i) + lambda2_i * (s_i - t_i)^2
+    penalty_i = mean_l [ lambda1_i * (s_il - t_i) + lambda2_i * (s_il - t_i)^2 ]
+
+where s_il is the expected kept fraction of the mask in layer l for the per-layer masks
+(head: KV groups, intermediate: FFN units; ``expected_size.expected_fractions``) and the
+mean runs over layers, as in Sheared LLaMA's ``lagrangian_regularization`` (one pair of
+multipliers per granularity, shared by the layers). The layer and hidden masks have one s_i.
+Constraining every layer pushes every layer to the target count, which is what export keeps;
+an aggregate constraint over all layers lets layers end uneven while export cuts them equal.
 
 The total loss is LM loss + sum_i penalty_i. Masks (through s_i) descend it, the
 multipliers lambda ascend it. Ascent is done inside the graph by ``reverse_gradient``:
@@ -56,9 +63,10 @@ def ramped_target(source_fraction: float, target_fraction: float, step: int, war
 
 def lagrangian_penalty(expected: torch.Tensor, target: float | torch.Tensor, lambda_1: torch.Tensor,
                        lambda_2: torch.Tensor) -> torch.Tensor:
-    """lambda1 * (s - t) + lambda2 * (s - t)^2 for one granularity (the lambdas as given)."""
+    """mean of lambda1 * (s - t) + lambda2 * (s - t)^2 over the entries of ``expected`` (one per layer
+    for per-layer masks, a scalar otherwise) for one granularity (the lambdas as given)."""
     gap = expected - target
-    return lambda_1 * gap + lambda_2 * gap * gap
+    return (lambda_1 * gap + lambda_2 * gap * gap).mean()
 
 
 def lagrangian_terms(expected: Mapping[str, torch.Tensor], targets: Mapping[str, float],

@@ -44,9 +44,10 @@ from drp_foundry.pruning.expected_size import (
     target_fractions,
 )
 
-__all__ = ['EVAL_MODES', 'EXTRA_STATE_FORMAT', 'L0MaskModule']
+__all__ = ['EVAL_MODES', 'INIT_MODES', 'EXTRA_STATE_FORMAT', 'L0MaskModule']
 
 EVAL_MODES = ('expected', 'target')
+INIT_MODES = ('constant', 'importance')
 EXTRA_STATE_FORMAT = 'drp_foundry.l0_masks/1'
 
 # Which target field each granularity prunes (a target below the source needs that mask).
@@ -76,12 +77,19 @@ class L0MaskModule(nn.Module):
             A granularity the target shrinks must be enabled.
         init_mean, init_std: log-alpha initialisation N(init_mean, init_std^2).
         eval_mode: deterministic counts in eval mode, ``'expected'`` or ``'target'`` (see module doc).
+        init: ``'constant'`` (the paper: every log-alpha N(init_mean, init_std^2), masks open, the
+            Lagrangian target ramps from the source size) or ``'importance'`` (ours: log-alphas set
+            from activation importance by ``init_from_importance`` before training, masks start at
+            the target, so the target does not ramp; see ``pruning/importance.py``).
     """
 
     def __init__(self, source: DecoderArchitecture, target: TargetArchitecture,
                  granularities: Iterable[str] = GRANULARITIES, init_mean: float = 5.0, init_std: float = 0.01,
-                 eval_mode: str = 'expected'):
+                 eval_mode: str = 'expected', init: str = 'constant'):
         super().__init__()
+        if init not in INIT_MODES:
+            raise ValueError(f'mask init must be one of {INIT_MODES}, got {init!r}')
+        self.init = init
         granularities = tuple(granularities)
         unknown = sorted(set(granularities) - set(GRANULARITIES))
         if unknown or not granularities:
@@ -220,17 +228,39 @@ class L0MaskModule(nn.Module):
 
     # --- sizes ------------------------------------------------------------------------------
     def expected_sizes(self) -> dict[str, torch.Tensor]:
-        """Expected kept fraction s_i per enabled granularity (differentiable)."""
+        """Expected kept fraction s_i per enabled granularity, per layer for head / intermediate (differentiable)."""
         return expected_fractions(self.source, self.prob_nonzero())
 
     def target_sizes(self) -> dict[str, float]:
-        """Final target fraction t_i per enabled granularity."""
+        """Final target fraction t_i per enabled granularity (the same for every layer)."""
         fractions = target_fractions(self.source, self.target)
         return {key: fractions[key] for key in self.granularities}
 
     def expected_num_parameters(self) -> torch.Tensor:
         """Expected remaining parameters of the HF model (differentiable scalar)."""
         return expected_num_parameters(self.source, self.prob_nonzero())
+
+    def ramp_start_sizes(self) -> dict[str, float]:
+        """Where the Lagrangian's target ramp starts: the source (1.0), or the target for importance init."""
+        if self.init == 'importance':
+            return self.target_sizes()
+        return {key: 1.0 for key in self.granularities}
+
+    def init_from_importance(self, scores: Mapping[str, torch.Tensor],
+                             pruned_keep_prob: float | None = None) -> None:
+        """Set every log-alpha from importance ``scores`` (``pruning/importance.py``): the target
+        top-k of each mask (per layer for head / intermediate) starts kept, the rest pruned."""
+        from drp_foundry.pruning import importance  # imports hf_injection, which imports this module
+
+        if pruned_keep_prob is None:
+            pruned_keep_prob = importance.DEFAULT_PRUNED_KEEP_PROB
+        counts = self.keep_counts('target')
+        with torch.no_grad():
+            for key in self.granularities:
+                value = importance.importance_log_alpha(scores[key].to(self.log_alpha(key).device), counts[key],
+                                                        pruned_keep_prob)
+                self.log_alpha(key).copy_(value)
+        self._deterministic_cache = None
 
     def target_num_parameters(self) -> int:
         return self.source.pruned(self.target).count_parameters()
@@ -264,7 +294,7 @@ class L0MaskModule(nn.Module):
     # --- checkpoint -------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
         return {'format': EXTRA_STATE_FORMAT, 'source': self.source.to_dict(), 'target': self.target.to_dict(),
-                'granularities': list(self.granularities), 'eval_mode': self.eval_mode,
+                'granularities': list(self.granularities), 'eval_mode': self.eval_mode, 'init': self.init,
                 'noise': {'seed': self.noise_seed, 'draws': self.noise_draws}}
 
     def set_extra_state(self, state: Mapping[str, Any]) -> None:
@@ -280,6 +310,7 @@ class L0MaskModule(nn.Module):
         noise = state.get('noise')  # absent in checkpoints written before the counter-based noise
         if noise is not None:
             self.noise_seed, self.noise_draws = int(noise['seed']), int(noise['draws'])
+        self.init = state.get('init', 'constant')  # where the target ramp started is the checkpoint's
 
     @classmethod
     def from_extra_state(cls, state: Mapping[str, Any], **kwargs: Any) -> 'L0MaskModule':
@@ -287,6 +318,7 @@ class L0MaskModule(nn.Module):
         if not isinstance(state, Mapping) or state.get('format') != EXTRA_STATE_FORMAT:
             raise ValueError(f'not a {EXTRA_STATE_FORMAT} record: {state!r}')
         kwargs.setdefault('eval_mode', state.get('eval_mode', 'expected'))
+        kwargs.setdefault('init', state.get('init', 'constant'))
         return cls(DecoderArchitecture.from_dict(state['source']), TargetArchitecture(**state['target']),
                    granularities=state['granularities'], **kwargs)
 
@@ -300,4 +332,5 @@ class L0MaskModule(nn.Module):
         self._deterministic_cache = None
 
     def extra_repr(self) -> str:
-        return f'granularities={self.granularities}, target={self.target}, eval_mode={self.eval_mode!r}'
+        return (f'granularities={self.granularities}, target={self.target}, eval_mode={self.eval_mode!r}, '
+                f'init={self.init!r}')

@@ -1,0 +1,398 @@
+"""Quality per token: SmolLM2-135M -> the demo's 50.3M target by five paths at one token budget.
+
+    python bench/quality_per_token.py --corpus ../shared/data/redpajama_sample [--tokens 204800]
+
+Paths (every one sees the same training batches in the same order, from the same per-domain
+MDS splits as the demo, drawn with the paper's RedPajama proportions, constant mixture):
+
+  (a) paper L0 pruning (constant init, per-layer Lagrangian, ramp over 20% of the stage) on
+      ``--prune-fraction`` of the tokens, export, continued pretraining on the rest;
+  (b) (a) with logit distillation from the frozen source model in both stages;
+  (c) (b) with importance-initialised masks (masks start at the activation top-k, no ramp);
+  (d) one-shot activation-importance pruning (calibration: the first 64 training sequences),
+      then continued pretraining with distillation on all the tokens;
+  (e) the same 50.3M architecture from random init, plain LM training on the same tokens.
+
+Training runs through the functional APIs the Composer algorithms wrap (``apply_mask_learner``,
+``apply_lagrangian``, ``init_masks_from_importance``, ``apply_distillation``, ``oneshot_prune``,
+``fold_and_slice``), in one process, CPU, bf16 autocast (fp32 weights), AdamW (0.9, 0.95), no
+weight decay, gradient clipping 1.0, linear warm-up then cosine to 10% in every stage. Each path
+is scored on the demo's per-domain eval split (16 x 128 tokens per domain) with the exported /
+trained dense model, fp32, at a few points along the way (the plot) and at the end (the table).
+
+Writes ``--work``/quality_per_token.json (every eval), ``.png`` (mean eval loss vs tokens) and
+its section of docs/RESULTS.md. The last line printed is the summary figure (the best path's
+final mean eval loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from drp_foundry.composer.distillation import apply_distillation, load_teacher  # noqa: E402
+from drp_foundry.composer.lagrangian_updater import apply_lagrangian  # noqa: E402
+from drp_foundry.composer.mask_learner import apply_mask_learner, init_masks_from_importance  # noqa: E402
+from drp_foundry.oneshot import oneshot_prune  # noqa: E402
+from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture  # noqa: E402
+from drp_foundry.pruning.export import fold_and_slice  # noqa: E402
+
+DOMAINS = ['arxiv', 'book', 'c4-rp', 'cc', 'github', 'stackexchange', 'wiki']
+PROPORTIONS = [0.025, 0.045, 0.15, 0.67, 0.045, 0.02, 0.045]  # the paper's RedPajama ratios (the demo's)
+TARGET = dict(layers=20, hidden=384, heads=6, kv_heads=2, intermediate=1024)  # 50,347,392 parameters
+PATHS = {
+    'a': 'L0 prune (paper) + continue',
+    'b': '(a) + distillation',
+    'c': '(b) + importance init',
+    'd': 'one-shot + continue w/ distillation',
+    'e': 'random init, same arch',
+}
+SECTION = 'quality_per_token'
+
+
+# --- data ----------------------------------------------------------------------------------
+
+def load_split(data_root: Path, domain: str, split: str) -> torch.Tensor:
+    from streaming import LocalDataset
+
+    dataset = LocalDataset(str(data_root / domain), split=split)
+    rows = [np.asarray(dataset[i]['tokens'], dtype=np.int64) for i in range(len(dataset))]
+    return torch.from_numpy(np.stack(rows))
+
+
+def training_batches(train: dict[str, torch.Tensor], steps: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """Every path's batches: a seeded domain draw per sample, each domain's samples in a seeded cycle."""
+    rng = np.random.default_rng(seed)
+    draws = rng.choice(len(DOMAINS), size=steps * batch_size, p=np.asarray(PROPORTIONS) / sum(PROPORTIONS))
+    orders = {d: rng.permutation(len(train[d])) for d in DOMAINS}
+    used = {d: 0 for d in DOMAINS}
+    rows = []
+    for index in draws:
+        domain = DOMAINS[index]
+        order = orders[domain]
+        rows.append(train[domain][order[used[domain] % len(order)]])
+        used[domain] += 1
+        if used[domain] % len(order) == 0:
+            orders[domain] = rng.permutation(len(order))
+    return [torch.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, eval_sets: dict[str, torch.Tensor], bf16: bool = False) -> dict[str, float]:
+    """Mean next-token loss per domain (nats/token) over its eval samples; the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    losses = {}
+    for domain, rows in eval_sets.items():
+        total, count = 0.0, 0
+        for start in range(0, len(rows), 8):
+            batch = rows[start:start + 8]
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=batch).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                     batch[:, 1:].reshape(-1), reduction='sum')
+            total += float(loss)
+            count += batch[:, 1:].numel()
+        losses[domain] = total / count
+    model.train(was_training)
+    return losses
+
+
+# --- training ------------------------------------------------------------------------------
+
+def lr_multiplier(step: int, steps: int, warmup: int, alpha_f: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return alpha_f + (1 - alpha_f) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
+                                  eps=1e-8, weight_decay=0.0)
+    for group in optimizer.param_groups:
+        group['initial_lr'] = lr
+    return optimizer
+
+
+class Run:
+    """One path: its clock, its token count and its eval history."""
+
+    def __init__(self, key: str, eval_sets, log, plot_samples: int = 8):
+        self.key, self.eval_sets, self.log, self.plot_samples = key, eval_sets, log, plot_samples
+        self.tokens = 0
+        self.started = time.time()
+        self.history: list[dict] = []
+
+    def record(self, model, stage: str, final: bool = False):
+        """Eval along the way: the first ``plot_samples`` eval samples per domain, bf16; final: all, fp32."""
+        sets = self.eval_sets if final else {d: rows[:self.plot_samples] for d, rows in self.eval_sets.items()}
+        losses = evaluate(model, sets, bf16=not final)
+        mean = sum(losses.values()) / len(losses)
+        self.history.append({'tokens': self.tokens, 'stage': stage, 'mean': mean, 'worst': max(losses.values()),
+                             'losses': losses, 'wall_s': round(time.time() - self.started, 1)})
+        self.log(f'  ({self.key}) {stage:>16} tokens {self.tokens:>7,}  mean {mean:.3f}  worst {max(losses.values()):.3f}'
+                 f'  [{time.time() - self.started:.0f}s]')
+        return losses
+
+
+def train_stage(run: Run, model, optimizer, batches, *, warmup_fraction: float, teacher=None, alpha: float = 0.5,
+                temperature: float = 1.0, lagrangian_warmup: int | None = None, eval_every: int = 0,
+                stage: str = 'train'):
+    steps = len(batches)
+    warmup = max(1, int(round(warmup_fraction * steps)))
+    model.train()
+    for step, batch in enumerate(batches):
+        multiplier = lr_multiplier(step, steps, warmup)
+        for group in optimizer.param_groups:
+            group['lr'] = group['initial_lr'] * multiplier
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            outputs = model(input_ids=batch, labels=batch)
+            loss = outputs.loss
+            if teacher is not None:
+                loss, _ = apply_distillation(loss, outputs.loss, outputs.logits, teacher, {'input_ids': batch,
+                                             'labels': batch}, alpha, temperature)
+        if lagrangian_warmup is not None:
+            loss = apply_lagrangian(model, loss, step, lagrangian_warmup)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']
+                                        if g.get('drp_group') is None], 1.0)
+        optimizer.step()
+        run.tokens += batch.numel()
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            run.record(model, f'{stage} {step + 1}')
+
+
+def run_path(key: str, args, source_dir: Path, batches, calibration, eval_sets, log) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(args.seed)
+    run = Run(key, eval_sets, log, args.plot_eval_samples)
+    distil = key in ('b', 'c', 'd')
+    teacher = load_teacher(source_dir) if distil else None
+    prune_steps = int(round(args.prune_fraction * len(batches))) if key in ('a', 'b', 'c') else 0
+    cpt_batches = batches[prune_steps:]
+    eval_every = max(1, len(cpt_batches) // args.evals) if args.evals else 0
+
+    if key in ('a', 'b', 'c'):
+        model = AutoModelForCausalLM.from_pretrained(str(source_dir), torch_dtype=torch.float32)
+        optimizer = make_optimizer(model, args.lr)
+        masks = apply_mask_learner(model, TARGET, optimizer, mask_lr=args.mask_lr, lambda_lr=args.lambda_lr,
+                                   init='importance' if key == 'c' else 'constant')
+        if key == 'c':
+            init_masks_from_importance(model, [{'input_ids': b} for b in calibration])
+            run.record(model, 'importance init')
+        train_stage(run, model, optimizer, batches[:prune_steps], warmup_fraction=0.1, teacher=teacher,
+                    alpha=args.alpha, temperature=args.temperature,
+                    lagrangian_warmup=int(round(0.2 * prune_steps)), stage='prune')
+        expected = float(masks.size_terms(detach=True)['num_parameters'])
+        counts = masks.keep_counts('expected')
+        uneven = {k: v.tolist() for k, v in counts.items() if torch.is_tensor(v) and len(set(v.tolist())) > 1}
+        log(f'  ({key}) end of pruning: expected size {expected / 1e6:.1f}M, eval-mode counts '
+            f'{ {k: (v if isinstance(v, int) else sorted(set(v.tolist()))) for k, v in counts.items()} }')
+        model.eval()
+        pruned, _ = fold_and_slice(model, masks.deterministic('target'))
+        del model, optimizer
+        model = pruned.float()
+        run.record(model, 'exported')
+        run.history[-1]['expected_params_at_export'] = expected
+        run.history[-1]['uneven_layers'] = uneven
+    elif key == 'd':
+        source = AutoModelForCausalLM.from_pretrained(str(source_dir), torch_dtype=torch.float32)
+        model, _, _ = oneshot_prune(source, TARGET, [row for batch in calibration for row in batch])
+        del source
+        run.record(model, 'one-shot')
+    else:
+        config = AutoConfig.from_pretrained(str(source_dir))
+        arch = DecoderArchitecture.from_hf_config(config)
+        pruned_arch = arch.pruned(TargetArchitecture(**TARGET))
+        for name, value in (('num_hidden_layers', pruned_arch.num_layers), ('hidden_size', pruned_arch.hidden_size),
+                            ('num_attention_heads', pruned_arch.num_heads),
+                            ('num_key_value_heads', pruned_arch.num_kv_heads),
+                            ('intermediate_size', pruned_arch.intermediate_size), ('head_dim', pruned_arch.head_dim)):
+            setattr(config, name, value)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation='sdpa', torch_dtype=torch.float32)
+        run.record(model, 'random init')
+    model.train()
+    optimizer = make_optimizer(model, args.random_lr if key == 'e' else args.lr)
+    train_stage(run, model, optimizer, cpt_batches, warmup_fraction=0.03 if key != 'e' else 0.1, teacher=teacher,
+                alpha=args.alpha, temperature=args.temperature, eval_every=eval_every, stage='continue')
+    final = run.record(model, 'final', final=True)
+    params = sum(p.numel() for p in model.parameters())
+    return {'key': key, 'name': PATHS[key], 'tokens': run.tokens, 'prune_tokens': prune_steps * batches[0].numel(),
+            'final': final, 'mean': sum(final.values()) / len(final), 'worst': max(final.values()),
+            'wall_s': round(time.time() - run.started, 1), 'params': params, 'history': run.history}
+
+
+# --- report --------------------------------------------------------------------------------
+
+def table(results: list[dict], source: dict[str, float]) -> str:
+    head = '| path | ' + ' | '.join(DOMAINS) + ' | mean | worst | tokens | wall (s) |'
+    lines = [head, '|' + '---|' * (len(DOMAINS) + 5)]
+    lines.append('| source SmolLM2-135M (134.5M) | ' + ' | '.join(f'{source[d]:.3f}' for d in DOMAINS)
+                 + f' | {sum(source.values()) / len(source):.3f} | {max(source.values()):.3f} | - | - |')
+    for r in results:
+        lines.append(f'| ({r["key"]}) {r["name"]} | ' + ' | '.join(f'{r["final"][d]:.3f}' for d in DOMAINS)
+                     + f' | **{r["mean"]:.3f}** | {r["worst"]:.3f} | {r["tokens"]:,} | {r["wall_s"]:.0f} |')
+    return '\n'.join(lines)
+
+
+def plot(results: list[dict], source_mean: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        xs = [h['tokens'] for h in r['history']]
+        ax.plot(xs, [h['mean'] for h in r['history']], marker='o', label=f'({r["key"]}) {r["name"]}')
+    ax.axhline(source_mean, color='grey', linestyle=':', label='source 135M')
+    ax.set_xlabel('training tokens')
+    ax.set_ylabel('mean per-domain eval loss (nats/token)')
+    ax.set_title('SmolLM2-135M -> 50.3M: quality per token')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_section(path: Path, body: str) -> None:
+    begin, end = f'<!-- BEGIN {SECTION} -->', f'<!-- END {SECTION} -->'
+    text = path.read_text() if path.exists() else '# Measured results\n\nEach section is written by the script named in it.\n'
+    block = f'{begin}\n{body.rstrip()}\n{end}'
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + '\n\n' + block + '\n'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def report(args, parser, results, source_losses, png, out_json, tokens, steps, started) -> None:
+    """Plot, and write the table into docs/RESULTS.md (finished paths; unfinished ones are named)."""
+    plot(results, sum(source_losses.values()) / len(source_losses), png)
+    command = ('python bench/quality_per_token.py --corpus ../shared/data/redpajama_sample'
+               + ''.join(f' --{k.replace("_", "-")} {v}' for k, v in vars(args).items()
+                         if k in ('tokens', 'paths', 'threads', 'prune_fraction', 'lr') and v != parser.get_default(k)))
+    body = ['## Quality per token (`bench/quality_per_token.py`)', '',
+            f'`{command}` (plot: `{png.relative_to(REPO) if png.is_relative_to(REPO) else png}`, every eval: '
+            f'`{out_json.name}`).', '',
+            f'SmolLM2-135M -> 20 layers / hidden 384 / 6q-2kv heads / FFN 1024 (50,347,392 parameters). '
+            f'Every path: {tokens:,} training tokens ({steps} steps x {args.batch_size} x {args.seq_len}; the demo '
+            f'uses 51,200), the same batches in the same order (paper RedPajama proportions, constant mixture, '
+            f'no data scheduler), bf16 autocast on CPU, torch threads {args.threads}, model lr {args.lr} '
+            f'((e): {args.random_lr}), mask/lambda lr {args.mask_lr}/{args.lambda_lr}, distillation alpha '
+            f'{args.alpha}, T {args.temperature}; (a)-(c) prune on {args.prune_fraction:.0%} of the tokens. '
+            f'Eval: per-domain held-out split of the demo (16 x {args.seq_len} tokens per domain), fp32, '
+            f'nats/token, of the exported dense model (plot points: the first {args.plot_eval_samples} samples per '
+            f'domain, bf16). One seed ({args.seed}); wall times on a shared, loaded '
+            f'2-core machine (another 1-core study ran beside it).', '',
+            table(results, source_losses), '']
+    for r in results:
+        exported = [h for h in r['history'] if h['stage'] == 'exported']
+        if exported and 'expected_params_at_export' in exported[0]:
+            body.append(f'- ({r["key"]}) at export: expected size {exported[0]["expected_params_at_export"] / 1e6:.1f}M; '
+                        f'layers with a count other than the target in eval mode: '
+                        f'{exported[0]["uneven_layers"] or "none"}')
+    missing = [f'({key}) {PATHS[key]}' for key in args.paths if key not in {r['key'] for r in results}]
+    if missing:
+        body.append(f'- **not finished** when this section was written: {", ".join(missing)}')
+    body.append(f'- wall time so far {time.time() - started:.0f}s (data, source eval, paths above)')
+    if args.results:
+        write_section(Path(args.results), '\n'.join(body))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--corpus', required=True, help='folder of <domain>.jsonl (the demo corpus)')
+    parser.add_argument('--source', default=str(REPO / 'models' / 'smollm2-135m'))
+    parser.add_argument('--work', default='runs/qpt')
+    parser.add_argument('--tokens', type=int, default=204_800, help='training tokens per path (4x the demo\'s 51,200)')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--seq-len', type=int, default=128)
+    parser.add_argument('--prune-fraction', type=float, default=0.2, help='share of the tokens spent pruning (a-c)')
+    parser.add_argument('--lr', type=float, default=3e-4, help='model lr of the pruned / pruning paths')
+    parser.add_argument('--random-lr', type=float, default=1e-3, help='lr of path (e), from random init')
+    parser.add_argument('--mask-lr', type=float, default=1.0)
+    parser.add_argument('--lambda-lr', type=float, default=1.0)
+    parser.add_argument('--alpha', type=float, default=0.5)
+    parser.add_argument('--temperature', type=float, default=1.0)
+    parser.add_argument('--evals', type=int, default=3, help='evals along continued pretraining (plot points)')
+    parser.add_argument('--plot-eval-samples', type=int, default=8,
+                        help='eval samples per domain for the evals along the way (bf16); the final eval uses all')
+    parser.add_argument('--paths', default='abcde')
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--seed', type=int, default=17)
+    parser.add_argument('--results', default=str(REPO / 'docs' / 'RESULTS.md'), help='empty: do not write it')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log_lines: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_lines.append(line)
+
+    started = time.time()
+    from data_prep.build_domain_mds import PrepSettings, build_domain_mds
+
+    data_root = work / 'data'
+    build_domain_mds(args.corpus, data_root, tokenizer=args.source, overwrite=True,
+                     settings=PrepSettings(max_seq_len=args.seq_len, min_eval_samples=8, max_eval_samples=16))
+    train = {d: load_split(data_root, d, 'train') for d in DOMAINS}
+    eval_sets = {d: load_split(data_root, d, 'eval') for d in DOMAINS}
+    steps = args.tokens // (args.batch_size * args.seq_len)
+    batches = training_batches(train, steps, args.batch_size, args.seed)
+    calibration = batches[:max(1, 64 // args.batch_size)]  # the first 64 training sequences
+    tokens = steps * args.batch_size * args.seq_len
+    log(f'{steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,} training tokens per path; '
+        f'eval {sum(len(v) for v in eval_sets.values())} x {args.seq_len} tokens; threads {args.threads}')
+
+    from transformers import AutoModelForCausalLM
+
+    source_json = work / f'source_losses_{args.seq_len}.json'
+    if source_json.exists():  # the source model does not change between reruns on the same data
+        source_losses = json.loads(source_json.read_text())
+    else:
+        source_model = AutoModelForCausalLM.from_pretrained(args.source, torch_dtype=torch.float32)
+        source_losses = evaluate(source_model, eval_sets)
+        del source_model
+        source_json.write_text(json.dumps(source_losses))
+    log(f'source mean {sum(source_losses.values()) / len(source_losses):.3f}')
+
+    results = []
+    out_json = work / 'quality_per_token.json'
+    png = work / 'quality_per_token.png'
+    for key in args.paths:
+        log(f'path ({key}) {PATHS[key]}')
+        results.append(run_path(key, args, Path(args.source), batches, calibration, eval_sets, log))
+        out_json.write_text(json.dumps({'args': vars(args), 'source': source_losses, 'results': results}, indent=2))
+        log(f'  ({key}) final mean {results[-1]["mean"]:.3f} worst {results[-1]["worst"]:.3f} '
+            f'({results[-1]["wall_s"]:.0f}s)')
+        report(args, parser, results, source_losses, png, out_json, tokens, steps, started)
+
+    best = min(results, key=lambda r: r['mean'])
+    log(table(results, source_losses))
+    log(f'best path ({best["key"]}) {best["name"]}: mean eval loss {best["mean"]:.3f} nats at {best["tokens"]:,} tokens')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

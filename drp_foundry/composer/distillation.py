@@ -1,0 +1,153 @@
+"""Logit distillation from the frozen source model (registered as ``drp_distillation``; ours).
+
+``loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * LM loss`` at every microbatch
+(``drp_foundry.pruning.distillation``), usable in the pruning run (the student is the masked
+source model) and in continued pretraining (the student is the exported model). The teacher is
+a Hugging Face directory, normally the source model that is pruned:
+
+    algorithms:
+      drp_distillation: {teacher: models/smollm2-135m, alpha: 0.5, temperature: 1.0}
+
+- The teacher is loaded once (``Event.INIT``, under a forked RNG so the run's random stream is
+  unchanged), frozen (``requires_grad=False``), kept in eval mode (no dropout), moved to the
+  student's device and dtype at ``FIT_START`` and run under ``torch.no_grad`` inside the same
+  precision context as the student's forward (``amp_bf16`` -> bf16 autocast for both). It is
+  not a submodule of the Composer model: it is not trained, not checkpointed, not in the
+  optimizer, and ``model.train()`` does not reach it.
+- At ``AFTER_LOSS`` the LM part of ``state.loss`` (``state.outputs['loss']``, the HF loss) is
+  reweighted to ``1 - alpha`` and ``alpha * KL`` is added; other additive terms (the Lagrangian
+  penalty of ``drp_lagrangian``) are left as they are, whatever the algorithm order.
+  ``alpha: 0`` gives bitwise the plain run (the KL is still computed and logged).
+- Logged every batch: ``drp/distillation/kl`` and ``drp/distillation/lm_loss`` (last microbatch).
+- FSDP: when ``torch.distributed`` runs with more than one rank and the run has an
+  ``fsdp_config``, the teacher is wrapped in its own ``FullyShardedDataParallel`` (FULL_SHARD,
+  one unit per decoder layer), so each rank holds 1/N of its weights and gathers one layer at a
+  time; every rank runs the teacher forward on its own microbatch in lockstep, as FSDP needs.
+  Tested here on CPU only with one process: the multi-rank wrapping path has not been run (no
+  GPU or multi-process FSDP test in this repository for it).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.core import Algorithm, Event, State, get_precision_context
+from composer.loggers import Logger
+
+from drp_foundry.composer.hf_model import unwrap_hf_model
+from drp_foundry.pruning.distillation import combine_losses, distillation_kl
+
+log = logging.getLogger(__name__)
+
+__all__ = ['Distillation', 'load_teacher', 'apply_distillation']
+
+
+def load_teacher(path: str | Path, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> torch.nn.Module:
+    """A frozen HF causal LM in eval mode (loaded without touching the global RNG)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        teacher = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype or torch.float32)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    if device is not None:
+        teacher.to(device)
+    return teacher
+
+
+def apply_distillation(loss: torch.Tensor, lm_loss: torch.Tensor, student_logits: torch.Tensor,
+                       teacher: torch.nn.Module, batch: dict[str, Any], alpha: float,
+                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Functional form for any loop: (new loss, KL). Runs the teacher on ``batch`` without grad."""
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch['input_ids'], attention_mask=batch.get('attention_mask')).logits
+    kl = distillation_kl(student_logits, teacher_logits, batch.get('labels'), temperature)
+    return combine_losses(loss, lm_loss, kl, alpha), kl
+
+
+def _shard_teacher(teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Wrap the teacher in FSDP (FULL_SHARD, one unit per decoder layer). Untested multi-rank path."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    layer_types = {type(layer) for layer in teacher.model.layers}
+    return FullyShardedDataParallel(teacher, auto_wrap_policy=ModuleWrapPolicy(layer_types),
+                                    sharding_strategy=ShardingStrategy.FULL_SHARD,
+                                    device_id=device if device.type == 'cuda' else None, use_orig_params=True)
+
+
+class Distillation(Algorithm):
+    """Distil a frozen teacher's logits into the trained model (``drp_distillation``).
+
+    Args:
+        teacher: Hugging Face directory of the teacher (the source model of the pruning run).
+        alpha: weight of the KL term; the LM loss gets ``1 - alpha``. 0 = plain training.
+        temperature: softmax temperature T of both distributions (the KL is multiplied by T^2).
+    """
+
+    def __init__(self, teacher: str, alpha: float = 0.5, temperature: float = 1.0):
+        if not isinstance(teacher, (str, Path)) or not (Path(teacher) / 'config.json').is_file():
+            raise ValueError(f'drp_distillation.teacher={teacher!r} is not a Hugging Face model directory (no '
+                             f'config.json); point it to the source model, e.g. models/smollm2-135m')
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f'drp_distillation.alpha must lie in [0, 1], got {alpha!r}')
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f'drp_distillation.temperature must be > 0, got {temperature!r}')
+        self.teacher_path = str(teacher)
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.teacher: torch.nn.Module | None = None
+        self._last_metrics: dict[str, float] = {}
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.FIT_START, Event.AFTER_LOSS, Event.BATCH_END)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            self.teacher = load_teacher(self.teacher_path)
+            student = unwrap_hf_model(state.model)
+            student_vocab = getattr(getattr(student, 'config', None), 'vocab_size', None)
+            if student_vocab is not None and student_vocab != self.teacher.config.vocab_size:
+                raise ValueError(f'drp_distillation.teacher {self.teacher_path} has vocab_size '
+                                 f'{self.teacher.config.vocab_size} but the trained model has {student_vocab}; the '
+                                 f'teacher must share the tokenizer (use the source model of the pruning run)')
+            log.info('drp_distillation: teacher %s (alpha %.3g, T %.3g)', self.teacher_path, self.alpha,
+                     self.temperature)
+        elif event == Event.FIT_START:
+            self._place_teacher(state)
+        elif event == Event.AFTER_LOSS:
+            self._distil(state)
+        elif event == Event.BATCH_END and self._last_metrics:
+            logger.log_metrics(self._last_metrics)
+
+    def _place_teacher(self, state: State) -> None:
+        assert self.teacher is not None
+        if isinstance(self.teacher, torch.distributed.fsdp.FullyShardedDataParallel):
+            return
+        reference = next(state.model.parameters())
+        device = reference.device if reference.device.type != 'meta' else state.device._device
+        self.teacher.to(device=device, dtype=reference.dtype)
+        if state.fsdp_config is not None and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            self.teacher = _shard_teacher(self.teacher, device)
+        self.teacher.eval()
+
+    def _distil(self, state: State) -> None:
+        outputs = state.outputs
+        lm_loss = outputs.get('loss') if isinstance(outputs, dict) or hasattr(outputs, 'get') else None
+        logits = outputs.get('logits') if lm_loss is not None else None
+        if lm_loss is None or logits is None:
+            raise RuntimeError('drp_distillation needs the HF model outputs (loss and logits) of a hf_causal_lm model')
+        if not isinstance(state.loss, torch.Tensor):
+            raise TypeError(f'drp_distillation expects a tensor loss, got {type(state.loss).__name__}')
+        assert self.teacher is not None
+        self.teacher.eval()
+        with get_precision_context(state.precision, state.precision_config):
+            state.loss, kl = apply_distillation(state.loss, lm_loss, logits, self.teacher, state.batch, self.alpha,
+                                                self.temperature)
+        self._last_metrics = {'drp/distillation/kl': float(kl.detach()),
+                              'drp/distillation/lm_loss': float(lm_loss.detach())}

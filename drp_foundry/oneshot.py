@@ -1,0 +1,236 @@
+"""``drp-prune-oneshot MODEL OUT --target ... --calibration DATA``: prune without training (ours).
+
+The baseline that learned masks are compared against, and a fast start for continued
+pretraining: score layers / KV groups / FFN units / hidden channels by activations on a few
+calibration sequences (``drp_foundry.pruning.importance``, Minitron-style; layers by block
+importance), keep the target top-k of each (per layer for KV groups and FFN units) and export
+with the same fold-and-slice as a pruning run (``drp_foundry.pruning.export``), masks at 1.
+
+``--calibration`` is either a ``data_prep`` output folder (``<root>/<domain>/<split>/`` MDS with a
+``tokens`` column; ``--split``, default ``train``) or text: one ``.jsonl`` file or a folder of
+``<domain>.jsonl`` files with a ``text`` field, tokenised with the model's tokenizer and cut into
+``--seq-len`` chunks. Sequences are taken round-robin over domains. The output folder gets the HF
+model, the tokenizer and ``pruning_report.json``, written atomically (as ``drp-export``).
+
+    drp-prune-oneshot models/smollm2-135m runs/oneshot-50m \\
+        --target layers=20,hidden=384,heads=6,kv_heads=2,intermediate=1024 --calibration data/demo-smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
+from drp_foundry.pruning.expected_size import GRANULARITIES
+from drp_foundry.pruning.export import PruningReport, fold_and_slice
+from drp_foundry.pruning.importance import activation_importance, importance_masks
+
+__all__ = ['OneShotError', 'parse_target', 'calibration_sequences', 'oneshot_prune', 'prune_directory', 'main']
+
+REPORT_FILENAME = 'pruning_report.json'
+
+
+class OneShotError(ValueError):
+    """Bad input: the message names the argument and the fix."""
+
+
+def parse_target(text: str) -> TargetArchitecture:
+    """``layers=20,hidden=384,heads=6,kv_heads=2,intermediate=1024`` (or the same as a JSON object)."""
+    text = text.strip()
+    try:
+        values: dict[str, Any] = json.loads(text) if text.startswith('{') else {
+            key.strip(): int(value) for key, value in (item.split('=', 1) for item in text.split(',') if item.strip())}
+    except ValueError as error:
+        raise OneShotError(f'--target {text!r}: write it as layers=N,hidden=N,heads=N,kv_heads=N,intermediate=N '
+                           f'({error})') from error
+    try:
+        return TargetArchitecture.from_config(values, key_prefix='--target')
+    except ValueError as error:
+        raise OneShotError(str(error)) from error
+
+
+def _mds_sequences(root: Path, split: str, seq_len: int) -> dict[str, list[torch.Tensor]]:
+    from streaming import LocalDataset
+
+    out = {}
+    for folder in sorted(path for path in root.iterdir() if (path / split / 'index.json').is_file()):
+        dataset = LocalDataset(str(folder), split=split)
+        rows = []
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            if 'tokens' not in sample:
+                raise OneShotError(f'--calibration {folder / split}: MDS samples have no tokens column '
+                                   f'({sorted(sample)}); pass a data_prep output folder')
+            rows.append(torch.as_tensor(sample['tokens'][:seq_len].astype('int64')))
+            if len(rows) >= 4096:
+                break
+        out[folder.name] = rows
+    return out
+
+
+def _text_sequences(files: list[Path], tokenizer, seq_len: int, per_domain: int) -> dict[str, list[torch.Tensor]]:
+    out = {}
+    for path in files:
+        rows: list[torch.Tensor] = []
+        buffer: list[int] = []
+        with open(path) as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                text = json.loads(line).get('text')
+                if not isinstance(text, str):
+                    raise OneShotError(f'--calibration {path}: every line needs a "text" string field')
+                buffer.extend(tokenizer(text)['input_ids'] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id
+                                                              is not None else []))
+                while len(buffer) >= seq_len and len(rows) < per_domain:
+                    rows.append(torch.tensor(buffer[:seq_len]))
+                    buffer = buffer[seq_len:]
+                if len(rows) >= per_domain:
+                    break
+        out[path.stem] = rows
+    return out
+
+
+def calibration_sequences(data: str | Path, num_sequences: int, seq_len: int, tokenizer=None,
+                          split: str = 'train') -> list[torch.Tensor]:
+    """``num_sequences`` token rows of length ``seq_len`` (or shorter MDS rows), round-robin over domains."""
+    data = Path(data)
+    if not data.exists():
+        raise OneShotError(f'--calibration {data} does not exist; pass a data_prep output folder or .jsonl text')
+    if data.is_dir() and any((path / split / 'index.json').is_file() for path in data.iterdir()):
+        per_domain = _mds_sequences(data, split, seq_len)
+    else:
+        files = [data] if data.is_file() else sorted(data.glob('*.jsonl'))
+        if not files:
+            raise OneShotError(f'--calibration {data}: no <domain>/{split}/ MDS folders and no .jsonl files there')
+        if tokenizer is None:
+            raise OneShotError('text calibration data needs the model tokenizer')
+        per_domain = _text_sequences(files, tokenizer, seq_len, num_sequences)
+    domains = [rows for rows in per_domain.values() if rows]
+    if not domains:
+        raise OneShotError(f'--calibration {data}: no sequence of tokens found')
+    picked: list[torch.Tensor] = []
+    position = 0
+    while len(picked) < num_sequences and any(position < len(rows) for rows in domains):
+        for rows in domains:
+            if position < len(rows) and len(picked) < num_sequences:
+                picked.append(rows[position])
+        position += 1
+    return picked
+
+
+def _batches(sequences: list[torch.Tensor], batch_size: int, device: torch.device) -> Iterable[dict[str, torch.Tensor]]:
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(row.numel() for row in chunk)
+        input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, row in enumerate(chunk):  # right padding, left out of the scores
+            input_ids[i, :row.numel()] = row
+            attention_mask[i, :row.numel()] = 1
+        yield {'input_ids': input_ids.to(device), 'attention_mask': attention_mask.to(device)}
+
+
+def keep_counts(source: DecoderArchitecture, target: TargetArchitecture) -> dict[str, Any]:
+    return {'layer': target.layers, 'head': [target.kv_heads] * source.num_layers,
+            'intermediate': [target.intermediate] * source.num_layers, 'hidden': target.hidden}
+
+
+def oneshot_prune(hf_model, target: TargetArchitecture | Mapping[str, int], sequences: list[torch.Tensor],
+                  batch_size: int = 8) -> tuple[Any, PruningReport, dict[str, torch.Tensor]]:
+    """(pruned HF model, report, importance scores): the importance top-k at ``target``, sliced."""
+    source = DecoderArchitecture.from_hf_config(hf_model.config)
+    if isinstance(target, Mapping):
+        target = TargetArchitecture.from_config(target)
+    target = target.resolve(source)
+    device = next(hf_model.parameters()).device
+    scores = activation_importance(hf_model, _batches(sequences, batch_size, device))
+    masks = importance_masks(scores, keep_counts(source, target))
+    pruned, report = fold_and_slice(hf_model, masks)
+    expected = source.pruned(target).count_parameters()
+    if report.params_after != expected:
+        raise RuntimeError(f'one-shot model has {report.params_after} parameters, the target {expected}; a bug')
+    return pruned, report, scores
+
+
+def prune_directory(model_dir: str | Path, out_dir: str | Path, target: TargetArchitecture, calibration: str | Path,
+                    num_sequences: int = 64, seq_len: int = 128, batch_size: int = 8, split: str = 'train',
+                    overwrite: bool = False) -> PruningReport:
+    """The CLI's work: load, score, slice, write ``out_dir`` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drp_foundry.export import ExportError, _replace_directory, check_output_dir
+    from drp_foundry.hf_tied_weights import store_tied_output_embedding
+    from drp_foundry.model_card import card_facts, write_model_card
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not (model_dir / 'config.json').is_file():
+        raise OneShotError(f'MODEL {model_dir} is not a Hugging Face model directory (no config.json)')
+    try:
+        check_output_dir(out_dir, overwrite, inputs=(model_dir, Path(calibration)))
+    except ExportError as error:
+        raise OneShotError(str(error)) from error
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    try:
+        source = DecoderArchitecture.from_hf_config(hf_model.config)
+        target = target.resolve(source, key_prefix='--target')
+    except ValueError as error:
+        raise OneShotError(str(error)) from error
+    sequences = calibration_sequences(calibration, num_sequences, seq_len, tokenizer, split)
+    pruned, report, _ = oneshot_prune(hf_model, target, sequences, batch_size)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.tmp-', dir=out_dir.parent))
+    try:
+        pruned.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        record = {'method': 'one-shot activation importance (drp-prune-oneshot)', 'source': str(model_dir),
+                  'calibration': str(calibration), 'calibration_sequences': len(sequences),
+                  'calibration_tokens': int(sum(row.numel() for row in sequences)), 'target': target.to_dict(),
+                  **report.to_dict()}
+        (staging / REPORT_FILENAME).write_text(json.dumps(record, indent=2))
+        store_tied_output_embedding(staging)  # a tied lm_head loads through Foundry without a false warning
+        write_model_card(staging, card_facts({}, 'none (one-shot pruning: no training run)', record,
+                                             record['target'], list(GRANULARITIES), 'float32', source=str(model_dir)),
+                         name=out_dir.name)
+        _replace_directory(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='drp-prune-oneshot', description=__doc__.split('\n\n')[0])
+    parser.add_argument('model', help='HF directory of the source model')
+    parser.add_argument('out_dir', help='folder for the pruned HF model')
+    parser.add_argument('--target', required=True, help='layers=N,hidden=N,heads=N,kv_heads=N,intermediate=N')
+    parser.add_argument('--calibration', required=True, help='data_prep output folder, or .jsonl text (file/folder)')
+    parser.add_argument('--num-sequences', type=int, default=64, help='calibration sequences (default 64)')
+    parser.add_argument('--seq-len', type=int, default=128, help='tokens per calibration sequence (default 128)')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--split', default='train', help='MDS split to calibrate on (default train)')
+    parser.add_argument('--overwrite', action='store_true', help='replace a non-empty OUT_DIR')
+    args = parser.parse_args(argv)
+    try:
+        if args.num_sequences < 1 or args.seq_len < 2:
+            raise OneShotError('--num-sequences must be >= 1 and --seq-len >= 2')
+        report = prune_directory(args.model, args.out_dir, parse_target(args.target), args.calibration,
+                                 args.num_sequences, args.seq_len, args.batch_size, args.split, args.overwrite)
+    except OneShotError as error:
+        print(f'drp-prune-oneshot: error: {error}', file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f'wrote {args.out_dir}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Activation-based importance of layers, KV groups, FFN units and hidden channels (ours).
+
+Used to initialise the L0 masks (``drp_mask_learner`` ``init: importance``) and by the
+one-shot pruning path (``drp-prune-oneshot``). Scores follow Minitron (Muralidharan et al.
+2024, activation-based) and ShortGPT (Men et al. 2024, block importance), computed in one pass
+over a few calibration batches with forward hooks on a stock HF Llama / Mistral / Qwen2:
+
+- ``intermediate (L, F)``: mean over tokens of ``|act(gate(x)) * up(x)|`` per FFN unit (the
+  input of ``down_proj``);
+- ``head (L, G)``: mean over tokens of the L2 norm of each KV group's attention output (the
+  slice of ``o_proj``'s input that belongs to the group's H/G query heads);
+- ``hidden (D,)``: mean over tokens of ``|y_d|``, summed over every RMSNorm output (two per layer
+  and the final norm);
+- ``layer (L,)``: block importance ``1 - cos(h_in, h_out)`` of each decoder layer, averaged over
+  tokens (a layer that barely changes the residual stream scores near 0).
+
+Padding positions (``attention_mask == 0``) are left out. Higher means more important.
+
+``importance_log_alpha`` turns scores and keep counts into log-alpha values: the ``k`` most
+important entries of each mask (per layer for head / intermediate) get a high log-alpha and the
+rest a low one, chosen so that the expected kept count equals ``k`` (so the first deterministic
+masks, in ``expected`` as in ``target`` mode, are exactly the importance top-k) and a sampled
+mask starts near it.
+
+Pure torch (+ transformers model classes): no Composer or LLM-Foundry import.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from drp_foundry.pruning import hard_concrete
+from drp_foundry.pruning.architecture import DecoderArchitecture
+from drp_foundry.pruning.hf_injection import decoder_layers, get_mask_module
+
+__all__ = ['activation_importance', 'importance_log_alpha', 'importance_masks', 'DEFAULT_PRUNED_KEEP_PROB']
+
+DEFAULT_PRUNED_KEEP_PROB = 0.05  # P(z != 0) of an entry outside the top-k at initialisation
+
+
+@contextmanager
+def _all_ones_masks(hf_model: nn.Module):
+    """Run a model that carries L0 masks as the unmasked source model."""
+    masks = get_mask_module(hf_model)
+    if masks is None:
+        yield
+        return
+    saved = masks.fixed_masks
+    deterministic = masks.deterministic('target')
+    masks.fixed_masks = {key: torch.ones_like(value) for key, value in deterministic.items()}
+    try:
+        yield
+    finally:
+        masks.fixed_masks = saved
+
+
+def activation_importance(hf_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Importance scores ``{'layer', 'head', 'intermediate', 'hidden'}`` of ``hf_model`` (module doc).
+
+    ``batches``: mappings with ``input_ids`` (and optionally ``attention_mask``) on the model's
+    device. The model runs in eval mode without gradients; a model carrying L0 masks runs with
+    all masks at 1. Scores are sums over tokens divided by the token count (float32, on CPU).
+    """
+    arch = DecoderArchitecture.from_hf_config(hf_model.config)
+    layers = decoder_layers(hf_model)
+    L, G, F, D = arch.num_layers, arch.num_kv_heads, arch.intermediate_size, arch.hidden_size
+    sums = {'layer': torch.zeros(L, dtype=torch.float64), 'head': torch.zeros(L, G, dtype=torch.float64),
+            'intermediate': torch.zeros(L, F, dtype=torch.float64), 'hidden': torch.zeros(D, dtype=torch.float64)}
+    current: dict[str, torch.Tensor | None] = {'keep': None}
+
+    def token_rows(x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        keep = current['keep']
+        return rows if keep is None else rows[keep]
+
+    handles = []
+    for index, layer in enumerate(layers):
+        def on_o_proj(module, args, index=index):
+            rows = token_rows(args[0])
+            per_group = rows.view(rows.shape[0], G, -1).norm(dim=-1)
+            sums['head'][index] += per_group.sum(dim=0).double().cpu()
+
+        def on_down_proj(module, args, index=index):
+            sums['intermediate'][index] += token_rows(args[0]).abs().sum(dim=0).double().cpu()
+
+        def on_layer(module, args, kwargs, output, index=index):
+            hidden_in = args[0] if args else kwargs['hidden_states']
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            cos = nn.functional.cosine_similarity(token_rows(hidden_in), token_rows(hidden_out), dim=-1, eps=1e-8)
+            sums['layer'][index] += (1.0 - cos).sum().double().cpu()
+
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(on_o_proj))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(on_down_proj))
+        handles.append(layer.register_forward_hook(on_layer, with_kwargs=True))
+    norms = [norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms.append(hf_model.model.norm)
+
+    def on_norm(module, args, output):
+        sums['hidden'] += token_rows(output).abs().sum(dim=0).double().cpu()
+
+    handles.extend(norm.register_forward_hook(on_norm) for norm in norms)
+    tokens = 0
+    was_training = hf_model.training
+    hf_model.eval()
+    try:
+        with torch.no_grad(), _all_ones_masks(hf_model):
+            for batch in batches:
+                input_ids = batch['input_ids']
+                attention_mask = batch.get('attention_mask')
+                current['keep'] = None if attention_mask is None else attention_mask.reshape(-1).bool()
+                tokens += int(input_ids.numel() if attention_mask is None else attention_mask.sum())
+                hf_model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+        hf_model.train(was_training)
+    if tokens == 0:
+        raise ValueError('no calibration tokens: the calibration batches are empty')
+    return {key: (value / tokens).float() for key, value in sums.items()}
+
+
+def importance_masks(scores: Mapping[str, torch.Tensor], keep: Mapping[str, int | list[int]]) -> dict[str, torch.Tensor]:
+    """0/1 masks keeping the ``keep`` highest scores (per row for 2-D scores); keys of ``keep`` only."""
+    return {key: hard_concrete.keep_top_k(scores[key], count).float() for key, count in keep.items()}
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def importance_log_alpha(scores: torch.Tensor, keep: int | list[int], pruned_keep_prob: float = DEFAULT_PRUNED_KEEP_PROB
+                         ) -> torch.Tensor:
+    """Log-alpha of one mask: top-``keep`` entries (per row for 2-D) high, the others low.
+
+    The others get ``P(z != 0) = pruned_keep_prob``; the kept ones ``p_hi`` with
+    ``k * p_hi + (n - k) * pruned_keep_prob = k``, so the expected count is the keep count
+    (``p_hi`` is clamped to [0.5, 0.999] when that is impossible, e.g. keeping 1 of 40).
+    Values lie inside the log-alpha clamp range.
+    """
+    if not 0.0 < pruned_keep_prob < 0.5:
+        raise ValueError(f'pruned_keep_prob must lie in (0, 0.5), got {pruned_keep_prob}')
+    kept = hard_concrete.keep_top_k(scores, keep)
+    n = scores.shape[-1] if scores.dim() == 2 else scores.numel()
+    counts = kept.sum(dim=-1, keepdim=True).float() if scores.dim() == 2 else kept.sum().float()
+    p_hi = (1.0 - (n - counts) / counts.clamp_min(1.0) * pruned_keep_prob).clamp(0.5, 0.999)
+    # P(z != 0) = sigmoid(log_alpha - beta * log(-l / r))  <=>  log_alpha = logit(P) + beta * log(-l / r)
+    shift = hard_concrete.TEMPERATURE * math.log(-hard_concrete.LIMIT_LEFT / hard_concrete.LIMIT_RIGHT)
+    high = torch.log(p_hi) - torch.log1p(-p_hi) + shift
+    low = _logit(pruned_keep_prob) + shift
+    values = torch.where(kept, high.expand_as(kept) if scores.dim() == 2 else high, torch.full_like(scores, low))
+    # within the kept / pruned sets keep the importance order (tiny spread), so ties stay stable
+    ranks = scores.argsort(dim=-1).argsort(dim=-1).float() / max(n, 1) if scores.dim() == 2 else \
+        scores.reshape(-1).argsort().argsort().float().view(scores.shape) / max(n, 1)
+    values = values + 1e-3 * ranks
+    return values.clamp(hard_concrete.LOG_ALPHA_MIN, hard_concrete.LOG_ALPHA_MAX).float()
