@@ -41,25 +41,25 @@ def test_the_demo_runs_from_a_fresh_copy_with_no_shared_folder(tmp_path):
     run('-m', 'drp_foundry.sources.smollm2', '--out', 'models/smollm2-135m', timeout=600)
 
     work = tmp_path / 'work'
-    out = run('-m', 'drp_foundry.demo', '--prune-steps', '6', '--continue-steps', '2', '--eval-every', '3',
+    out = run('-m', 'drp_foundry.demo', '--continue-steps', '6', '--eval-every', '3',
               '--max-seq-len', '64', '--work', str(work), timeout=1800)
 
     # the data stage read the embedded corpus (the clone's drp_foundry/demo_corpus)
     manifest = json.loads((work / 'data' / 'manifest.json').read_text())
     assert {d: info['documents'] for d, info in manifest['domains'].items()} == EMBEDDED_DOCUMENTS
-    # the training stages ran, with one eval loader per domain made from the one YAML entry
+    # the default path: one-shot pruning, then continued pretraining with one eval loader per
+    # domain made from the one YAML entry
     prune_log = (work / 'logs' / 'prune.log').read_text()
+    continue_log = (work / 'logs' / 'continue.log').read_text()
     for domain in EMBEDDED_DOCUMENTS:
-        assert f'metrics/eval/{domain}/LanguageCrossEntropy' in prune_log
-    assert (work / 'demo-prune-drpruning' / 'checkpoints' / 'ep0-ba6-rank0.pt').is_file()
+        assert f'metrics/eval/{domain}/LanguageCrossEntropy' in continue_log
     # progress: stage, step, rate, ETA
-    assert '=== 3/6 prune (6 steps, policy drpruning)' in out and 'into the demo)' in out
+    assert '=== 3/6 prune: one-shot' in out and 'into the demo)' in out
     assert 'step 5/6, ' in out and ' s/step, ETA ' in out
-    # the exported model's folder has its card, with the demo's per-domain table
-    card = (work / 'models' / 'pruned-drpruning' / 'README.md').read_text()
+    # the pruned model's folder has its card, with the demo's per-domain table
+    card = (work / 'models' / 'pruned-oneshot-drpruning' / 'README.md').read_text()
     assert '| domain | source | pruned | continued |' in card and '| **worst** |' in card
     assert '| parameters | 134,515,008 (134.5M) | 50,347,392 (50.3M); 37.4% of the source |' in card
-    assert '- pruning run: 6 steps, 24 samples, 1,536 tokens seen' in card
     # no loading message that looks like a broken model, in any stage
-    everything = out + prune_log + (work / 'logs' / 'continue.log').read_text()
+    everything = out + prune_log + continue_log
     assert 'newly initialized' not in everything and 'You should probably TRAIN' not in everything

@@ -36,9 +36,12 @@ def _export_digest(run_dir, out):
     export(run_dir, out)
     report = json.loads((out / 'pruning_report.json').read_text())
     report.pop('checkpoint')  # the path of the exported checkpoint, different per run folder
+    card = json.loads((out / 'model_card.json').read_text())
+    card.pop('checkpoint')  # likewise; the card's README.md is rendered from these facts
     digest = files_digest(out)
-    digest.pop('pruning_report.json')
-    return digest, report
+    for name in ('pruning_report.json', 'model_card.json', 'README.md'):
+        digest.pop(name)
+    return digest, report, card
 
 
 @pytest.mark.slow
