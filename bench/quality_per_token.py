@@ -1,6 +1,10 @@
 """Quality per token: SmolLM2-135M -> the demo's 50.3M target by five paths at one token budget.
 
-    python bench/quality_per_token.py --corpus ../shared/data/redpajama_sample [--tokens 204800]
+    python bench/quality_per_token.py --corpus ../shared/data/redpajama_sample [--tokens 204800] [--paths abcde]
+
+A finished path is stored in WORK/paths/KEY.json with the settings that made it; a rerun with the
+same settings reuses it (``--no-reuse`` reruns), so paths can run in separate processes (one per
+core: ``--paths bc`` beside ``--paths dae``) and the table always shows every stored path.
 
 Paths (every one sees the same training batches in the same order, from the same per-domain
 MDS splits as the demo, drawn with the paper's RedPajama proportions, constant mixture):
@@ -38,15 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from drp_foundry.composer.distillation import apply_distillation, load_teacher
+from drp_foundry.composer.lagrangian_updater import apply_lagrangian
+from drp_foundry.composer.mask_learner import apply_mask_learner, init_masks_from_importance
+from drp_foundry.oneshot import oneshot_prune
+from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
+from drp_foundry.pruning.export import fold_and_slice
 
-from drp_foundry.composer.distillation import apply_distillation, load_teacher  # noqa: E402
-from drp_foundry.composer.lagrangian_updater import apply_lagrangian  # noqa: E402
-from drp_foundry.composer.mask_learner import apply_mask_learner, init_masks_from_importance  # noqa: E402
-from drp_foundry.oneshot import oneshot_prune  # noqa: E402
-from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture  # noqa: E402
-from drp_foundry.pruning.export import fold_and_slice  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DOMAINS = ['arxiv', 'book', 'c4-rp', 'cc', 'github', 'stackexchange', 'wiki']
 PROPORTIONS = [0.025, 0.045, 0.15, 0.67, 0.045, 0.02, 0.045]  # the paper's RedPajama ratios (the demo's)
@@ -177,6 +180,27 @@ def train_stage(run: Run, model, optimizer, batches, *, warmup_fraction: float, 
             run.record(model, f'{stage} {step + 1}')
 
 
+# Everything that changes a path's numbers; a stored result is reused only under the same values.
+SETTING_KEYS = ('corpus', 'source', 'tokens', 'batch_size', 'seq_len', 'prune_fraction', 'lr', 'random_lr', 'mask_lr',
+                'lambda_lr', 'alpha', 'temperature', 'evals', 'plot_eval_samples', 'seed')
+
+
+def path_settings(args) -> dict:
+    values = {key: getattr(args, key) for key in SETTING_KEYS}
+    values['corpus'] = str(Path(values['corpus']).resolve())
+    values['source'] = str(Path(values['source']).resolve())
+    return values
+
+
+def stored_result(store: Path, key: str, settings: dict) -> dict | None:
+    """The finished result of path ``key`` under ``settings``, or None (absent or other settings)."""
+    path = store / f'{key}.json'
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record['result'] if record.get('settings') == settings else None
+
+
 def run_path(key: str, args, source_dir: Path, batches, calibration, eval_sets, log) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -241,13 +265,14 @@ def run_path(key: str, args, source_dir: Path, batches, calibration, eval_sets, 
 # --- report --------------------------------------------------------------------------------
 
 def table(results: list[dict], source: dict[str, float]) -> str:
-    head = '| path | ' + ' | '.join(DOMAINS) + ' | mean | worst | tokens | wall (s) |'
-    lines = [head, '|' + '---|' * (len(DOMAINS) + 5)]
+    head = '| path | ' + ' | '.join(DOMAINS) + ' | mean | worst | tokens | wall (s) | load |'
+    lines = [head, '|' + '---|' * (len(DOMAINS) + 6)]
     lines.append('| source SmolLM2-135M (134.5M) | ' + ' | '.join(f'{source[d]:.3f}' for d in DOMAINS)
-                 + f' | {sum(source.values()) / len(source):.3f} | {max(source.values()):.3f} | - | - |')
+                 + f' | {sum(source.values()) / len(source):.3f} | {max(source.values()):.3f} | - | - | - |')
     for r in results:
         lines.append(f'| ({r["key"]}) {r["name"]} | ' + ' | '.join(f'{r["final"][d]:.3f}' for d in DOMAINS)
-                     + f' | **{r["mean"]:.3f}** | {r["worst"]:.3f} | {r["tokens"]:,} | {r["wall_s"]:.0f} |')
+                     + f' | **{r["mean"]:.3f}** | {r["worst"]:.3f} | {r["tokens"]:,} | {r["wall_s"]:.0f} | '
+                     + ' / '.join(f'{x:.1f}' for x in r.get('load_average', [])) + ' |')
     return '\n'.join(lines)
 
 
@@ -286,9 +311,10 @@ def write_section(path: Path, body: str) -> None:
 def report(args, parser, results, source_losses, png, out_json, tokens, steps, started) -> None:
     """Plot, and write the table into docs/RESULTS.md (finished paths; unfinished ones are named)."""
     plot(results, sum(source_losses.values()) / len(source_losses), png)
-    command = ('python bench/quality_per_token.py --corpus ../shared/data/redpajama_sample'
+    # the paths missing from WORK/paths are run by this command; finished ones are reused
+    command = (f'python bench/quality_per_token.py --corpus {args.corpus}'
                + ''.join(f' --{k.replace("_", "-")} {v}' for k, v in vars(args).items()
-                         if k in ('tokens', 'paths', 'threads', 'prune_fraction', 'lr') and v != parser.get_default(k)))
+                         if k in ('tokens', 'threads', 'prune_fraction', 'lr') and v != parser.get_default(k)))
     body = ['## Quality per token (`bench/quality_per_token.py`)', '',
             f'`{command}` (plot: `{png.relative_to(REPO) if png.is_relative_to(REPO) else png}`, every eval: '
             f'`{out_json.name}`).', '',
@@ -300,8 +326,9 @@ def report(args, parser, results, source_losses, png, out_json, tokens, steps, s
             f'{args.alpha}, T {args.temperature}; (a)-(c) prune on {args.prune_fraction:.0%} of the tokens. '
             f'Eval: per-domain held-out split of the demo (16 x {args.seq_len} tokens per domain), fp32, '
             f'nats/token, of the exported dense model (plot points: the first {args.plot_eval_samples} samples per '
-            f'domain, bf16). One seed ({args.seed}); wall times on a shared, loaded '
-            f'2-core machine (another 1-core study ran beside it).', '',
+            f'domain, bf16). One seed ({args.seed}). Wall time per path on a '
+            f'{os.cpu_count()}-core CPU machine; "load" is the 1-minute load average at the start / end of the '
+            f'path (above {args.threads} means other work shared the cores).', '',
             table(results, source_losses), '']
     for r in results:
         exported = [h for h in r['history'] if h['stage'] == 'exported']
@@ -309,7 +336,7 @@ def report(args, parser, results, source_losses, png, out_json, tokens, steps, s
             body.append(f'- ({r["key"]}) at export: expected size {exported[0]["expected_params_at_export"] / 1e6:.1f}M; '
                         f'layers with a count other than the target in eval mode: '
                         f'{exported[0]["uneven_layers"] or "none"}')
-    missing = [f'({key}) {PATHS[key]}' for key in args.paths if key not in {r['key'] for r in results}]
+    missing = [f'({key}) {PATHS[key]}' for key in PATHS if key not in {r['key'] for r in results}]
     if missing:
         body.append(f'- **not finished** when this section was written: {", ".join(missing)}')
     body.append(f'- wall time so far {time.time() - started:.0f}s (data, source eval, paths above)')
@@ -335,7 +362,9 @@ def main(argv=None) -> int:
     parser.add_argument('--evals', type=int, default=3, help='evals along continued pretraining (plot points)')
     parser.add_argument('--plot-eval-samples', type=int, default=8,
                         help='eval samples per domain for the evals along the way (bf16); the final eval uses all')
-    parser.add_argument('--paths', default='abcde')
+    parser.add_argument('--paths', default='abcde', help='paths to run; the table shows every path with a stored result')
+    parser.add_argument('--no-reuse', dest='reuse', action='store_false',
+                        help='rerun paths that have a stored result (WORK/paths/KEY.json) with the same settings')
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--seed', type=int, default=17)
     parser.add_argument('--results', default=str(REPO / 'docs' / 'RESULTS.md'), help='empty: do not write it')
@@ -377,17 +406,32 @@ def main(argv=None) -> int:
         source_json.write_text(json.dumps(source_losses))
     log(f'source mean {sum(source_losses.values()) / len(source_losses):.3f}')
 
-    results = []
     out_json = work / 'quality_per_token.json'
     png = work / 'quality_per_token.png'
+    store = work / 'paths'
+    store.mkdir(exist_ok=True)
+    settings = path_settings(args)
     for key in args.paths:
+        if args.reuse and stored_result(store, key, settings) is not None:
+            log(f'path ({key}) {PATHS[key]}: reusing {store / (key + ".json")} (same settings)')
+            continue
         log(f'path ({key}) {PATHS[key]}')
-        results.append(run_path(key, args, Path(args.source), batches, calibration, eval_sets, log))
+        load_before = os.getloadavg()[0]
+        result = run_path(key, args, Path(args.source), batches, calibration, eval_sets, log)
+        result['load_average'] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        (store / f'{key}.json').write_text(json.dumps({'settings': settings, 'result': result}, indent=2))
+        log(f'  ({key}) final mean {result["mean"]:.3f} worst {result["worst"]:.3f} ({result["wall_s"]:.0f}s)')
+        results = [stored_result(store, k, settings) for k in PATHS]
+        results = [r for r in results if r is not None]
         out_json.write_text(json.dumps({'args': vars(args), 'source': source_losses, 'results': results}, indent=2))
-        log(f'  ({key}) final mean {results[-1]["mean"]:.3f} worst {results[-1]["worst"]:.3f} '
-            f'({results[-1]["wall_s"]:.0f}s)')
         report(args, parser, results, source_losses, png, out_json, tokens, steps, started)
 
+    results = [r for r in (stored_result(store, k, settings) for k in PATHS) if r is not None]
+    if not results:
+        log('no path has a result yet')
+        return 1
+    out_json.write_text(json.dumps({'args': vars(args), 'source': source_losses, 'results': results}, indent=2))
+    report(args, parser, results, source_losses, png, out_json, tokens, steps, started)
     best = min(results, key=lambda r: r['mean'])
     log(table(results, source_losses))
     log(f'best path ({best["key"]}) {best["name"]}: mean eval loss {best["mean"]:.3f} nats at {best["tokens"]:,} tokens')
