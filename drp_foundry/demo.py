@@ -185,12 +185,14 @@ def plot_demo(prune_metrics: Path | None, continue_metrics: Path, domains: list[
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = plt.get_cmap('tab10')
     for i, d in enumerate(domains):
-        for series, shift, style in ((prune, 0, '-'), (cont, offset, '--')):
-            for ax, key in ((axes[0], f'drp/mixture/{d}'), (axes[1], f'drp/domain_eval_loss/{d}')):
+        for ax, key in ((axes[0], f'drp/mixture/{d}'), (axes[1], f'drp/domain_eval_loss/{d}')):
+            labelled = False  # the domain's name on its first line (the pruning run's, or the continued one's)
+            for series, shift, style in ((prune, 0, '-'), (cont, offset, '--')):
                 if key in series:
                     steps, values = zip(*series[key])
                     ax.plot([s + shift for s in steps], values, style, color=colors(i % 10),
-                            label=d if shift == 0 else None)
+                            label=None if labelled else d)
+                    labelled = True
     axes[0].set_title('mixture q (solid: pruning, dashed: continued)')
     axes[1].set_title('per-domain eval loss')
     for key, label in (('drp/expected_num_parameters', 'expected'), ('drp/target_num_parameters', 'target')):
@@ -198,9 +200,13 @@ def plot_demo(prune_metrics: Path | None, continue_metrics: Path, domains: list[
             steps, values = zip(*prune[key])
             axes[2].plot(steps, [v / 1e6 for v in values], label=label)
     axes[2].set_title('parameters (M) while pruning')
+    if 'drp/expected_num_parameters' not in prune:
+        axes[2].text(0.5, 0.5, 'no pruning run\n(one-shot path)', ha='center', va='center',
+                     transform=axes[2].transAxes)
     for ax in axes:
         ax.set_xlabel('step')
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
