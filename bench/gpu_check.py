@@ -147,9 +147,8 @@ def make_masked_step(model, batch: torch.Tensor, mask_module: L0MaskModule):
 
     def step():
         loss = model(input_ids=batch, labels=batch).loss
-        terms = mask_module.pending_size_terms
-        mask_module.pending_size_terms = None
-        penalties = lagrangian_terms(terms['expected'], targets, terms['lambda_1'], terms['lambda_2'])
+        terms = mask_module.take_size_terms()
+        penalties = lagrangian_terms(terms.expected, targets, terms.lambda_1, terms.lambda_2)
         total = loss + torch.stack(list(penalties.values())).sum().to(loss.dtype)
         total.backward()
         optimizer.step()

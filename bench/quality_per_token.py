@@ -223,7 +223,7 @@ def run_path(key: str, args, source_dir: Path, batches, calibration, eval_sets, 
         train_stage(run, model, optimizer, batches[:prune_steps], warmup_fraction=0.1, teacher=teacher,
                     alpha=args.alpha, temperature=args.temperature,
                     lagrangian_warmup=int(round(0.2 * prune_steps)), stage='prune')
-        expected = float(masks.size_terms(detach=True)['num_parameters'])
+        expected = float(masks.size_terms(detach=True).num_parameters)
         counts = masks.keep_counts('expected')
         uneven = {k: v.tolist() for k, v in counts.items() if torch.is_tensor(v) and len(set(v.tolist())) > 1}
         log(f'  ({key}) end of pruning: expected size {expected / 1e6:.1f}M, eval-mode counts '

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-INPUT_EMBEDDING = 'model.embed_tokens.weight'  # Llama, Mistral, Qwen2 (the families drp-foundry prunes)
+INPUT_EMBEDDING = 'model.embed_tokens.weight'  # every built-in family; others: their DecoderLayout's paths
 OUTPUT_EMBEDDING = 'lm_head.weight'
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
@@ -29,6 +29,17 @@ def _write_atomically(path: Path, tensors: dict, metadata: dict | None) -> None:
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def _embedding_keys(model_type: str | None) -> tuple[str, str]:
+    """(input, output) embedding keys of the family's layout; the Llama names for a family without one."""
+    from drp_foundry.pruning.layouts import get_layout
+
+    try:
+        layout = get_layout(model_type)
+    except ValueError:
+        return INPUT_EMBEDDING, OUTPUT_EMBEDDING
+    return layout.base_key(f'{layout.embedding}.weight'), f'{layout.lm_head}.weight'
 
 
 def store_tied_output_embedding(model_dir: str | os.PathLike) -> bool:
@@ -45,15 +56,16 @@ def store_tied_output_embedding(model_dir: str | os.PathLike) -> bool:
     config = json.loads((model_dir / 'config.json').read_text())
     if not config.get('tie_word_embeddings', True):  # transformers' default is tied
         return False
+    input_key, output_key = _embedding_keys(config.get('model_type'))
     index_path = model_dir / INDEX_FILE
     if index_path.is_file():
         index = json.loads(index_path.read_text())
         weight_map = index['weight_map']
-        if OUTPUT_EMBEDDING in weight_map:
+        if output_key in weight_map:
             return False
-        if INPUT_EMBEDDING not in weight_map:
-            raise KeyError(f'{index_path}: no {INPUT_EMBEDDING!r} to tie {OUTPUT_EMBEDDING!r} to')
-        shard = model_dir / weight_map[INPUT_EMBEDDING]
+        if input_key not in weight_map:
+            raise KeyError(f'{index_path}: no {input_key!r} to tie {output_key!r} to')
+        shard = model_dir / weight_map[input_key]
     else:
         shard = model_dir / SINGLE_FILE
         if not shard.is_file():
@@ -61,17 +73,17 @@ def store_tied_output_embedding(model_dir: str | os.PathLike) -> bool:
                                     'safe_serialization=True')
     with safe_open(str(shard), 'pt') as f:
         metadata = f.metadata()
-        if OUTPUT_EMBEDDING in f.keys():
+        if output_key in f.keys():
             return False
-        if INPUT_EMBEDDING not in f.keys():
-            raise KeyError(f'{shard}: no {INPUT_EMBEDDING!r} to tie {OUTPUT_EMBEDDING!r} to')
+        if input_key not in f.keys():
+            raise KeyError(f'{shard}: no {input_key!r} to tie {output_key!r} to')
     tensors = load_file(str(shard))
-    tensors[OUTPUT_EMBEDDING] = tensors[INPUT_EMBEDDING].clone()
+    tensors[output_key] = tensors[input_key].clone()
     _write_atomically(shard, tensors, metadata)
     if index_path.is_file():
-        index['weight_map'][OUTPUT_EMBEDDING] = shard.name
+        index['weight_map'][output_key] = shard.name
         index.setdefault('metadata', {})['total_size'] = (index.get('metadata', {}).get('total_size', 0)
-                                                          + tensors[OUTPUT_EMBEDDING].nbytes)
+                                                          + tensors[output_key].nbytes)
         tmp = index_path.with_name(f'.{index_path.name}.tmp-{os.getpid()}')
         tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + '\n')
         os.replace(tmp, index_path)

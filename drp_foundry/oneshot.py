@@ -29,9 +29,10 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
-from drp_foundry.pruning.expected_size import GRANULARITIES
+from drp_foundry.pruning.expected_size import GRANULARITIES, pruned_granularities, target_keep_counts
 from drp_foundry.pruning.export import PruningReport, fold_and_slice
 from drp_foundry.pruning.importance import activation_importance, importance_masks
+from drp_foundry.pruning.layouts import get_layout
 
 __all__ = ['OneShotError', 'parse_target', 'calibration_sequences', 'oneshot_prune', 'prune_directory', 'main']
 
@@ -140,8 +141,7 @@ def _batches(sequences: list[torch.Tensor], batch_size: int, device: torch.devic
 
 
 def keep_counts(source: DecoderArchitecture, target: TargetArchitecture) -> dict[str, Any]:
-    return {'layer': target.layers, 'head': [target.kv_heads] * source.num_layers,
-            'intermediate': [target.intermediate] * source.num_layers, 'hidden': target.hidden}
+    return target_keep_counts(source, target)
 
 
 def oneshot_prune(hf_model, target: TargetArchitecture | Mapping[str, int], sequences: list[torch.Tensor],
@@ -151,6 +151,7 @@ def oneshot_prune(hf_model, target: TargetArchitecture | Mapping[str, int], sequ
     if isinstance(target, Mapping):
         target = TargetArchitecture.from_config(target)
     target = target.resolve(source)
+    get_layout(source.model_type).check_granularities(GRANULARITIES, pruned_granularities(source, target))
     device = next(hf_model.parameters()).device
     scores = activation_importance(hf_model, _batches(sequences, batch_size, device))
     masks = importance_masks(scores, keep_counts(source, target))

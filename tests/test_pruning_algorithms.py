@@ -15,6 +15,7 @@ from drp_foundry.composer.lagrangian_updater import LagrangianUpdater, apply_lag
 from drp_foundry.composer.mask_learner import GROUP_KEY, MaskLearner, apply_mask_learner, find_mask_module
 from drp_foundry.pruning.export import fold_and_slice
 from drp_foundry.pruning.lagrangian import lagrangian_terms, ramped_target
+from drp_foundry.pruning.mask_module import NoSizeTermsError
 
 LLAMA_TARGET = dict(layers=2, hidden=32, heads=2, intermediate=64)
 GQA_TARGET = dict(layers=2, hidden=48, heads=3, intermediate=80)
@@ -52,6 +53,8 @@ def test_apply_lagrangian_adds_the_ramped_penalty():
     with torch.no_grad():
         for value in masks.lambda_parameters():
             value.fill_(0.5)
+    model.train()
+    model(input_ids=torch.randint(0, model.config.vocab_size, (1, 8)))  # the training forward records the terms
     loss = torch.tensor(3.0)
     total = apply_lagrangian(model, loss, step=5, warmup_steps=10)
     expected, targets = masks.expected_sizes(), masks.target_sizes()
@@ -272,10 +275,10 @@ def test_functional_pruning_run_reaches_the_target_in_every_layer_gqa():
         optimizer.step()
         if step % 30 == 0 or step == steps - 1:
             terms = masks.last_size_terms
-            curve.append((step, round(terms['num_parameters'].item() / target_params, 4),
-                          {key: round(value.mean().item(), 4) for key, value in terms['expected'].items()}))
+            curve.append((step, round(terms.num_parameters.item() / target_params, 4),
+                          {key: round(value.mean().item(), 4) for key, value in terms.expected.items()}))
     assert_reached_target(curve, masks, 'tiny Qwen2 GQA (functional API)')
-    for key, value in masks.last_size_terms['expected'].items():  # every layer, not just the mean
+    for key, value in masks.last_size_terms.expected.items():  # every layer, not just the mean
         assert (value - masks.target_sizes()[key]).abs().max() < 0.02, (key, value)
     counts = masks.keep_counts('expected')
     assert counts['layer'] == GQA_TARGET['layers'] and counts['hidden'] == GQA_TARGET['hidden']
@@ -290,7 +293,11 @@ def test_functional_pruning_run_reaches_the_target_in_every_layer_gqa():
     assert report.params_after == masks.target_num_parameters()
     assert abs(masked_loss - exported_loss) < 1e-4, (masked_loss, exported_loss)
     model.train()
-    # and the pending terms were consumed each step (no stale graph kept across steps)
-    assert masks.pending_size_terms is None
+    # and the pending terms were consumed each step (no stale graph kept across steps): asking again without a
+    # training forward raises instead of reading the (possibly FSDP-sharded) local parameters
+    assert not masks.has_pending_size_terms
+    with pytest.raises(NoSizeTermsError, match='training forward'):
+        lagrangian_for_step(masks, steps, warmup)
+    model(input_ids=batch, labels=batch)
     total, _, _ = lagrangian_for_step(masks, steps, warmup)
     assert torch.isfinite(total)

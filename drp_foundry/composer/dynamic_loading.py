@@ -271,10 +271,8 @@ class DynamicLoading(Callback):
         masks = get_mask_module(model)
         if masks is not None:
             # recorded in the last training forward, where FSDP had the mask parameters gathered
-            if masks.last_size_terms is not None:
-                return float(masks.last_size_terms['num_parameters'])
-            with torch.no_grad():
-                return float(masks.expected_num_parameters())
+            # (NoSizeTermsError before the first one: the local parameters may be FSDP shards)
+            return float(masks.last_size_terms.num_parameters)
         if self._constant_params is None:
             self._constant_params = float(_model_size(model))
         return self._constant_params

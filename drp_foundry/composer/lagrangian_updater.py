@@ -11,7 +11,8 @@ masks descend the penalty and the lambdas ascend it (gradient reversal, see
 batch, so the penalty counts once per optimizer step whatever the microbatching.
 
 s_i and the lambdas are those read by the top model's pre-hook during this microbatch's
-forward (``L0MaskModule.pending_size_terms``), when FSDP has the root parameters gathered.
+forward (``L0MaskModule.take_size_terms()``, a ``SizeTerms``), when FSDP has the root parameters
+gathered; a penalty asked for without that forward raises ``NoSizeTermsError``.
 
 Logged every batch: ``drp/ramped_target/<granularity>``, ``drp/lagrangian/<granularity>`` and
 ``drp/lagrangian/total`` (the last microbatch's values).
@@ -40,17 +41,15 @@ def lagrangian_for_step(mask_module: L0MaskModule, step: int,
                         warmup_steps: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
     """(total penalty, penalty per granularity, ramped targets) at ``step``.
 
-    Uses (and consumes) the size terms recorded in the latest training forward when there
-    are some, else reads the mask module directly.
+    Uses (and consumes) the size terms recorded in the latest training forward; raises
+    ``NoSizeTermsError`` when none was recorded (reading the parameters here instead would see
+    FSDP's local shards).
     """
-    terms = mask_module.pending_size_terms
-    mask_module.pending_size_terms = None
-    if terms is None:
-        terms = mask_module.size_terms()
+    terms = mask_module.take_size_terms()
     final_targets = mask_module.target_sizes()
     starts = mask_module.ramp_start_sizes()  # 1.0 (the source); the target itself after importance init
     targets = {key: ramped_target(starts[key], final_targets[key], step, warmup_steps) for key in final_targets}
-    penalties = lagrangian_terms(terms['expected'], targets, terms['lambda_1'], terms['lambda_2'])
+    penalties = lagrangian_terms(terms.expected, targets, terms.lambda_1, terms.lambda_2)
     total = torch.stack(list(penalties.values())).sum()
     return total, penalties, targets
 

@@ -157,21 +157,19 @@ def init_masks_from_importance(model: torch.nn.Module, batches: Iterable[Mapping
 
 def mask_metrics(mask_module: L0MaskModule) -> dict[str, float]:
     """Sizes and multipliers to log (plain floats)."""
-    snapshot = mask_module.last_size_terms
-    if snapshot is None:  # no training forward yet
-        snapshot = mask_module.size_terms(detach=True)
-    metrics = {'drp/expected_num_parameters': float(snapshot['num_parameters']),
+    snapshot = mask_module.last_size_terms  # of the latest training forward (NoSizeTermsError before the first)
+    metrics = {'drp/expected_num_parameters': float(snapshot.num_parameters),
                'drp/target_num_parameters': float(mask_module.target_num_parameters())}
     targets = mask_module.target_sizes()
     for key in mask_module.granularities:
-        expected = snapshot['expected'][key]  # one value per layer for head / intermediate
+        expected = snapshot.expected[key]  # one value per layer for head / intermediate
         metrics[f'drp/expected_size/{key}'] = float(expected.mean())
         if expected.dim() == 1:
             metrics[f'drp/expected_size_min/{key}'] = float(expected.min())
             metrics[f'drp/expected_size_max/{key}'] = float(expected.max())
         metrics[f'drp/target_size/{key}'] = targets[key]
-        metrics[f'drp/lambda_1/{key}'] = float(snapshot['lambda_1'][key])
-        metrics[f'drp/lambda_2/{key}'] = float(snapshot['lambda_2'][key])
+        metrics[f'drp/lambda_1/{key}'] = float(snapshot.lambda_1[key])
+        metrics[f'drp/lambda_2/{key}'] = float(snapshot.lambda_2[key])
     return metrics
 
 

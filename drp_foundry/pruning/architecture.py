@@ -1,8 +1,9 @@
-"""Sizes of a Llama / Mistral / Qwen2 decoder and of the target a pruning run aims for.
+"""Sizes of a decoder (any family with a ``DecoderLayout``) and of the target a pruning run aims for.
 
 ``DecoderArchitecture`` holds what fixes the parameter count of a stock Hugging Face
 decoder (L layers, hidden D, H query heads over G KV heads of dim d_h, FFN size F,
-vocabulary V, biases, tied embeddings); ``count_parameters()`` equals
+vocabulary V, biases, tied embeddings, norms per layer, per-head q/k norms), read from the
+config through the family's layout (``pruning/layouts.py``); ``count_parameters()`` equals
 ``sum(p.numel() for p in model.parameters())`` of the HF model (a tied embedding once).
 
 ``TargetArchitecture`` is the pruning target (layers, hidden, heads, kv_heads,
@@ -18,18 +19,23 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from drp_foundry.pruning.layouts import BUILTIN_LAYOUTS, get_layout
+
 __all__ = ['SUPPORTED_MODEL_TYPES', 'DecoderArchitecture', 'TargetArchitecture', 'validate_target']
 
-SUPPORTED_MODEL_TYPES = ('llama', 'mistral', 'qwen2')
+# the built-in families (more can be registered: pruning/layouts.py)
+SUPPORTED_MODEL_TYPES = tuple(BUILTIN_LAYOUTS)
 
 
 @dataclass(frozen=True)
 class DecoderArchitecture:
-    """The sizes of a stock HF decoder-only model (Llama, Mistral, Qwen2).
+    """The sizes of a stock HF decoder-only model.
 
     ``attention_bias``: q/k/v projections carry a bias (Qwen2 always; Llama when its
     ``attention_bias`` flag is set). ``o_proj_bias``: o_proj carries one (Llama's flag only).
-    ``mlp_bias``: gate/up/down carry biases (Llama's ``mlp_bias`` flag).
+    ``mlp_bias``: gate/up/down carry biases (Llama's ``mlp_bias`` flag). ``layer_norms``:
+    hidden-width norms per layer (2; 4 with Gemma's sandwich norms). ``head_norms``: norms
+    over ``head_dim`` per layer (Qwen3's and Gemma 3's q_norm and k_norm: 2).
     """
 
     num_layers: int
@@ -44,6 +50,8 @@ class DecoderArchitecture:
     o_proj_bias: bool = False
     mlp_bias: bool = False
     model_type: str = 'llama'
+    layer_norms: int = 2
+    head_norms: int = 0
 
     def __post_init__(self):
         for name in ('num_layers', 'hidden_size', 'num_heads', 'num_kv_heads', 'head_dim', 'intermediate_size',
@@ -60,31 +68,34 @@ class DecoderArchitecture:
 
     @classmethod
     def from_hf_config(cls, config: Any) -> 'DecoderArchitecture':
-        """Read a ``LlamaConfig``, ``MistralConfig`` or ``Qwen2Config``."""
+        """Read a HF config through its family's layout (``pruning/layouts.py``); unknown families are refused."""
         model_type = getattr(config, 'model_type', None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f'structured pruning supports HF model_type {SUPPORTED_MODEL_TYPES}, got {model_type!r} '
-                             f'({type(config).__name__}); other families need their own DecoderArchitecture reader')
-        num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, 'num_key_value_heads', None) or num_heads
-        head_dim = getattr(config, 'head_dim', None) or config.hidden_size // num_heads
-        if model_type == 'qwen2':
-            attention_bias, o_proj_bias, mlp_bias = True, False, False
-        elif model_type == 'llama':
-            attention_bias = o_proj_bias = bool(getattr(config, 'attention_bias', False))
-            mlp_bias = bool(getattr(config, 'mlp_bias', False))
-        else:  # mistral: no biases anywhere
-            attention_bias = o_proj_bias = mlp_bias = False
-        return cls(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, num_heads=num_heads,
-                   num_kv_heads=num_kv_heads, head_dim=head_dim, intermediate_size=config.intermediate_size,
-                   vocab_size=config.vocab_size, tie_word_embeddings=bool(config.tie_word_embeddings),
-                   attention_bias=attention_bias, o_proj_bias=o_proj_bias, mlp_bias=mlp_bias, model_type=model_type)
+        try:
+            layout = get_layout(model_type)
+        except ValueError as error:
+            raise ValueError(f'{error} (config {type(config).__name__})') from None
+        value = layout.config_value
+        hidden = value(config, 'hidden')
+        num_heads = value(config, 'heads')
+        missing = [layout.config_keys[key] for key in ('layers', 'hidden', 'heads', 'intermediate', 'vocab')
+                   if value(config, key) is None]
+        if missing:
+            raise ValueError(f'{model_type} config {type(config).__name__} lacks {missing}; the {model_type} layout '
+                             f'reads the sizes from these keys')
+        num_kv_heads = value(config, 'kv_heads') or num_heads
+        head_dim = value(config, 'head_dim') or hidden // num_heads
+        attention_bias, o_proj_bias, mlp_bias = layout.biases(config)
+        return cls(num_layers=value(config, 'layers'), hidden_size=hidden, num_heads=num_heads,
+                   num_kv_heads=num_kv_heads, head_dim=head_dim, intermediate_size=value(config, 'intermediate'),
+                   vocab_size=value(config, 'vocab'), tie_word_embeddings=bool(value(config, 'tie', False)),
+                   attention_bias=attention_bias, o_proj_bias=o_proj_bias, mlp_bias=mlp_bias, model_type=model_type,
+                   layer_norms=len(layout.layer_norms()), head_norms=len(layout.head_norms))
 
     def layer_parameters(self) -> int:
-        """Parameters of one decoder layer: two RMSNorms, attention, gated MLP."""
+        """Parameters of one decoder layer: its norms, attention, gated MLP."""
         d, q_width, kv_width, f = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, \
             self.intermediate_size
-        norms = 2 * d
+        norms = self.layer_norms * d + self.head_norms * self.head_dim
         attention = d * q_width + 2 * d * kv_width + q_width * d
         if self.attention_bias:
             attention += q_width + 2 * kv_width
@@ -116,7 +127,14 @@ class DecoderArchitecture:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> 'DecoderArchitecture':
-        return cls(**dict(values))
+        """From ``to_dict`` (checkpoints' mask extra state). Records written before ``layer_norms`` /
+        ``head_norms`` existed are Llama/Mistral/Qwen2 ones: 2 norms per layer, no head norms (the defaults)."""
+        values = dict(values)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f'architecture record has unknown keys {unknown}: it was written by a newer '
+                             f'drp-foundry; export or resume it with that version')
+        return cls(**values)
 
 
 @dataclass(frozen=True)

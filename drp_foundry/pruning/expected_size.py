@@ -12,7 +12,8 @@ With  p_l = P(layer l kept),  g_l = sum_g P(head group g of layer l kept),
 f_l = sum_j P(FFN unit j of layer l kept),  h = sum_d P(hidden dim d kept),
 r = H / G query heads per group, d_h the head dim:
 
-    per layer l:  p_l * [ 2h                                    (two RMSNorms)
+    per layer l:  p_l * [ n_norm * h + n_head_norm * d_h        (its norms: 2, or 4 with sandwich
+                                                                 norms; per-head q/k norms: 0 or 2)
                         + g_l * d_h * (r + 2) * h               (q, k, v projections)
                         + g_l * d_h * r * h                     (o_proj)
                         + qkv_bias * g_l * d_h * (r + 2) + o_bias * h
@@ -37,20 +38,33 @@ import torch
 
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
 
-__all__ = ['GRANULARITIES', 'mask_shapes', 'expected_num_parameters', 'expected_fractions',
-           'target_fractions']
+__all__ = ['GRANULARITIES', 'GRANULARITY_FIELDS', 'mask_shapes', 'expected_num_parameters', 'expected_fractions',
+           'target_fractions', 'pruned_granularities', 'target_keep_counts']
 
 GRANULARITIES = ('layer', 'head', 'intermediate', 'hidden')
+# granularity -> (the TargetArchitecture field it prunes, the DecoderArchitecture field it is cut from,
+# per layer: one row per decoder layer, keep counts per row)
+GRANULARITY_FIELDS = {'layer': ('layers', 'num_layers', False), 'head': ('kv_heads', 'num_kv_heads', True),
+                      'intermediate': ('intermediate', 'intermediate_size', True),
+                      'hidden': ('hidden', 'hidden_size', False)}
 
 
 def mask_shapes(arch: DecoderArchitecture) -> dict[str, tuple[int, ...]]:
     """Shape of every mask for ``arch`` (docs/DESIGN.md table)."""
-    return {
-        'layer': (arch.num_layers,),
-        'head': (arch.num_layers, arch.num_kv_heads),
-        'intermediate': (arch.num_layers, arch.intermediate_size),
-        'hidden': (arch.hidden_size,),
-    }
+    return {key: ((arch.num_layers,) if per_layer else ()) + (getattr(arch, source_field),)
+            for key, (_, source_field, per_layer) in GRANULARITY_FIELDS.items()}
+
+
+def pruned_granularities(arch: DecoderArchitecture, target: TargetArchitecture) -> list[str]:
+    """The granularities whose target is below the source size."""
+    return [key for key, (target_field, source_field, _) in GRANULARITY_FIELDS.items()
+            if getattr(target, target_field) < getattr(arch, source_field)]
+
+
+def target_keep_counts(arch: DecoderArchitecture, target: TargetArchitecture) -> dict[str, int | list[int]]:
+    """Entries every mask keeps at ``target``: an int, or one per layer for the per-layer masks."""
+    return {key: [getattr(target, target_field)] * arch.num_layers if per_layer else getattr(target, target_field)
+            for key, (target_field, _, per_layer) in GRANULARITY_FIELDS.items()}
 
 
 def _full_probs(arch: DecoderArchitecture, probs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,7 +93,7 @@ def expected_num_parameters(arch: DecoderArchitecture, probs: Mapping[str, torch
     groups_kept = p['head'].sum(dim=1)  # g_l, shape (L,)
     ffn_kept = p['intermediate'].sum(dim=1)  # f_l, shape (L,)
     r, d_h = arch.heads_per_group, arch.head_dim
-    per_layer = 2 * h + groups_kept * d_h * (2 * r + 2) * h + 3 * ffn_kept * h
+    per_layer = arch.layer_norms * h + arch.head_norms * d_h + groups_kept * d_h * (2 * r + 2) * h + 3 * ffn_kept * h
     if arch.attention_bias:
         per_layer = per_layer + groups_kept * d_h * (r + 2)
     if arch.o_proj_bias:
@@ -112,9 +126,5 @@ def expected_fractions(arch: DecoderArchitecture, probs: Mapping[str, torch.Tens
 
 def target_fractions(arch: DecoderArchitecture, target: TargetArchitecture) -> dict[str, float]:
     """The kept fraction t_i of every mask (every row of a per-layer mask) once ``target`` is reached."""
-    return {
-        'layer': target.layers / arch.num_layers,
-        'head': target.kv_heads / arch.num_kv_heads,
-        'intermediate': target.intermediate / arch.intermediate_size,
-        'hidden': target.hidden / arch.hidden_size,
-    }
+    return {key: getattr(target, target_field) / getattr(arch, source_field)
+            for key, (target_field, source_field, _) in GRANULARITY_FIELDS.items()}

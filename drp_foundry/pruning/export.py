@@ -2,9 +2,10 @@
 
 Spec §1 step 2 ("export"): keep the components whose deterministic mask ``z`` is non-zero,
 multiply each kept ``z`` into the weight that produces (or consumes) the masked quantity, and
-cut every tensor to the kept rows/columns. The result is a stock Llama / Mistral / Qwen2
-model with the pruned sizes in its config; its logits equal those of the masked source model
-in eval mode (``docs/DESIGN.md``, "Masks"):
+cut every tensor to the kept rows/columns. Which tensors those are comes from the family's
+``DecoderLayout`` (``pruning/layouts.py``; Llama's module names below). The result is a stock
+model of the same family with the pruned sizes in its config; its logits equal those of the
+masked source model in eval mode (``docs/DESIGN.md``, "Masks"):
 
 - ``layer`` ``z^L_l``: multiplies what layer ``l`` adds to the residual -> folded into the
   output rows (and bias) of ``o_proj`` and ``down_proj``; layers with ``z^L_l = 0`` are dropped
@@ -23,6 +24,23 @@ The final norm's ``z^D`` is folded on the LM-head side instead: into the kept co
 untied LM head; with tied embeddings the shared matrix already carries ``z^D`` from the
 embedding fold, so nothing more is multiplied (folding it into the final norm as well would
 apply it twice).
+
+What the layout adds:
+
+- fused projections (Phi-3's ``qkv_proj`` = [q | k | v], ``gate_up_proj`` = [gate | up]): each
+  named row block is cut with its own kept rows, the blocks stay in order;
+- norm form ``(offset + w) * x_hat`` (Gemma: offset 1): a scale ``s`` is folded as
+  ``w' = (offset + w) * s - offset``;
+- sandwich norms (Gemma 2/3): the branch-output norm carries ``z^L_l * z^D`` (folded into it),
+  the projection before it only gets the 0/1 indicator (its rows are sliced, not scaled);
+- per-head q/k norms (Qwen3, Gemma 3) act over ``head_dim`` and are shared by all heads: copied;
+- embedding scale computed from the config (Gemma: ``sqrt(hidden_size)``): the exported model
+  multiplies its embeddings by ``sqrt(D')`` instead of ``sqrt(D)``, so the embedding columns also
+  get ``c = sqrt(D) / sqrt(D')``. With tied embeddings the LM head is the same matrix, so the
+  logits would grow by ``c``; the final norm gets ``1 / c`` to undo it (the logits are linear in
+  the final norm's gain, and the final norm's output feeds nothing else);
+- config fix-ups (``fix_config``: Qwen2/Qwen3 ``max_window_layers`` counts the kept layers below
+  the split).
 """
 
 from __future__ import annotations
@@ -37,6 +55,7 @@ from torch import Tensor
 
 from drp_foundry.pruning.architecture import DecoderArchitecture
 from drp_foundry.pruning.expected_size import GRANULARITIES, mask_shapes
+from drp_foundry.pruning.layouts import STANDARD_CONFIG_KEYS, get_layout
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -162,7 +181,7 @@ def _source_state(hf_model: torch.nn.Module) -> dict[str, Tensor]:
 def fold_and_slice(hf_model: PreTrainedModel, masks: Mapping[str, Tensor]) -> tuple[PreTrainedModel, PruningReport]:
     """Return ``(pruned_model, report)``: a new stock HF model with the masks folded in and sliced out.
 
-    ``hf_model`` is a Llama / Mistral / Qwen2 ``*ForCausalLM`` (an attached ``drp_masks`` module and
+    ``hf_model`` is a ``*ForCausalLM`` of a family with a layout (an attached ``drp_masks`` module and
     injected hooks are ignored; only its weights are read). ``masks`` maps a subset of
     ``layer (L,)``, ``head (L, G)``, ``intermediate (L, F)``, ``hidden (D,)`` to deterministic masks:
     zeros are pruned, non-zero values are folded into the weights. Heads and intermediate dims
@@ -172,98 +191,118 @@ def fold_and_slice(hf_model: PreTrainedModel, masks: Mapping[str, Tensor]) -> tu
     from transformers.modeling_utils import no_init_weights
 
     config = hf_model.config
+    layout = get_layout(config.model_type)
     arch = DecoderArchitecture.from_hf_config(config)
     mask = _checked_masks(masks, arch)
     head_dim = arch.head_dim
     queries_per_group = arch.heads_per_group
+    norm = layout.norm
 
     kept_layer_index = torch.nonzero(mask['layer'] != 0).flatten()
     kept_layers = kept_layer_index.tolist()
     if not kept_layers:
         raise ValueError("mask 'layer' prunes every layer; keep at least one")
+    layout.check_granularities(list(masks), ['layer'] if len(kept_layers) < arch.num_layers else [])
     num_kv_groups = _uniform_count('head', mask['head'], kept_layers)
     num_intermediate = _uniform_count('intermediate', mask['intermediate'], kept_layers)
     kept_hidden = torch.nonzero(mask['hidden'] != 0).flatten()
     if kept_hidden.numel() == 0:
         raise ValueError("mask 'hidden' prunes every hidden dimension; keep at least one")
     hidden_scale = mask['hidden'][kept_hidden]
-    tied = bool(getattr(config, 'tie_word_embeddings', False))
+    tied = arch.tie_word_embeddings
+
+    pruned_sizes = {
+        'layers': len(kept_layers),
+        'hidden': int(kept_hidden.numel()),
+        'heads': num_kv_groups * queries_per_group,
+        'kv_heads': num_kv_groups,
+        'intermediate': num_intermediate,
+        'head_dim': head_dim,
+    }
+    new_config = copy.deepcopy(config)
+    for key, value in pruned_sizes.items():
+        setattr(new_config, layout.config_keys[key], value)
+    if layout.fix_config is not None:
+        layout.fix_config(new_config, config, kept_layers)
+    # the exported model scales its embeddings for its own width: compensate (module doc)
+    embed_factor = 1.0
+    if layout.embedding_scale is not None:
+        embed_factor = layout.embedding_scale(config) / layout.embedding_scale(new_config)
 
     source = _source_state(hf_model)
     pruned: dict[str, Tensor] = {}
-    pruned['model.embed_tokens.weight'] = _columns(source['model.embed_tokens.weight'], kept_hidden, hidden_scale)
-    pruned['model.norm.weight'] = _rows(source['model.norm.weight'], kept_hidden)
+    embedding_key = layout.base_key(f'{layout.embedding}.weight')
+    final_norm_key = layout.base_key(f'{layout.final_norm}.weight')
+    lm_head_key = f'{layout.lm_head}.weight'
+    pruned[embedding_key] = _columns(source[embedding_key], kept_hidden, hidden_scale * embed_factor)
+    final_norm = _rows(source[final_norm_key], kept_hidden)
+    if tied and embed_factor != 1.0:
+        final_norm = norm.fold(final_norm, 1.0 / embed_factor)
+    pruned[final_norm_key] = final_norm
     if tied:
-        pruned['lm_head.weight'] = pruned['model.embed_tokens.weight']
+        pruned[lm_head_key] = pruned[embedding_key]
     else:
-        pruned['lm_head.weight'] = _columns(source['lm_head.weight'], kept_hidden, hidden_scale)
+        pruned[lm_head_key] = _columns(source[lm_head_key], kept_hidden, hidden_scale)
 
     report_layers = []
     for new_index, layer in enumerate(kept_layers):
-        src = f'model.layers.{layer}.'
-        dst = f'model.layers.{new_index}.'
+        def src(name: str, layer: int = layer) -> str:
+            return layout.layer_key(layer, name)
+
+        def dst(name: str) -> str:
+            return layout.layer_key(new_index, name)
+
         kept_groups = torch.nonzero(mask['head'][layer] != 0).flatten()
         kept_queries = (kept_groups.reshape(-1, 1) * queries_per_group
                         + torch.arange(queries_per_group).reshape(1, -1)).reshape(-1)
         kept_ffn = torch.nonzero(mask['intermediate'][layer] != 0).flatten()
         query_rows = _per_head_rows(kept_queries, head_dim)
         kv_rows = _per_head_rows(kept_groups, head_dim)
-        # What the layer adds to the residual is scaled by z^L_l and, per kept hidden dim, by z^D_d.
+        role_rows = {'q': query_rows, 'k': kv_rows, 'v': kv_rows, 'gate': kept_ffn, 'up': kept_ffn}
+        # What the layer adds to the residual is scaled by z^L_l and, per kept hidden dim, by z^D_d: on the
+        # output projections, or on the branch-output norms when the family has them (sandwich norms).
         residual_scale = hidden_scale * mask['layer'][layer]
+        output_row_scale = None if layout.sandwich else residual_scale
         # Each query head's output carries the head mask of its KV group.
         query_column_scale = mask['head'][layer][kept_groups].repeat_interleave(queries_per_group * head_dim)
 
-        for norm in ('input_layernorm', 'post_attention_layernorm'):
-            pruned[f'{dst}{norm}.weight'] = _rows(source[f'{src}{norm}.weight'], kept_hidden, hidden_scale)
-        for name, rows in (('q_proj', query_rows), ('k_proj', kv_rows), ('v_proj', kv_rows)):
-            key = f'{src}self_attn.{name}.'
-            pruned[f'{dst}self_attn.{name}.weight'] = _columns(_rows(source[key + 'weight'], rows), kept_hidden)
+        for name in layout.stream_norms():
+            pruned[dst(f'{name}.weight')] = norm.fold(_rows(source[src(f'{name}.weight')], kept_hidden), hidden_scale)
+        for name in layout.branch_output_norms():
+            pruned[dst(f'{name}.weight')] = norm.fold(_rows(source[src(f'{name}.weight')], kept_hidden),
+                                                      residual_scale)
+        for projection in layout.attention_inputs + layout.mlp_inputs:
+            blocks, offset = [], 0
+            for role in projection.parts:  # a fused projection: each row block with its own kept rows
+                blocks.append(role_rows[role] + offset)
+                offset += layout.role_rows(arch, role)
+            rows = torch.cat(blocks)
+            key = src(f'{projection.path}.')
+            pruned[dst(f'{projection.path}.weight')] = _columns(_rows(source[key + 'weight'], rows), kept_hidden)
             if key + 'bias' in source:
-                pruned[f'{dst}self_attn.{name}.bias'] = _rows(source[key + 'bias'], rows)
-        o_proj = f'{src}self_attn.o_proj.'
-        pruned[f'{dst}self_attn.o_proj.weight'] = _columns(
-            _rows(source[o_proj + 'weight'], kept_hidden, residual_scale), query_rows, query_column_scale)
-        if o_proj + 'bias' in source:
-            pruned[f'{dst}self_attn.o_proj.bias'] = _rows(source[o_proj + 'bias'], kept_hidden, residual_scale)
-
-        for name in ('gate_proj', 'up_proj'):
-            key = f'{src}mlp.{name}.'
-            pruned[f'{dst}mlp.{name}.weight'] = _columns(_rows(source[key + 'weight'], kept_ffn), kept_hidden)
+                pruned[dst(f'{projection.path}.bias')] = _rows(source[key + 'bias'], rows)
+        for name, columns, column_scale in ((layout.attention_output, query_rows, query_column_scale),
+                                            (layout.mlp_output, kept_ffn, mask['intermediate'][layer][kept_ffn])):
+            key = src(f'{name}.')
+            pruned[dst(f'{name}.weight')] = _columns(_rows(source[key + 'weight'], kept_hidden, output_row_scale),
+                                                     columns, column_scale)
             if key + 'bias' in source:
-                pruned[f'{dst}mlp.{name}.bias'] = _rows(source[key + 'bias'], kept_ffn)
-        down_proj = f'{src}mlp.down_proj.'
-        pruned[f'{dst}mlp.down_proj.weight'] = _columns(
-            _rows(source[down_proj + 'weight'], kept_hidden, residual_scale), kept_ffn,
-            mask['intermediate'][layer][kept_ffn])
-        if down_proj + 'bias' in source:
-            pruned[f'{dst}mlp.down_proj.bias'] = _rows(source[down_proj + 'bias'], kept_hidden, residual_scale)
+                pruned[dst(f'{name}.bias')] = _rows(source[key + 'bias'], kept_hidden, output_row_scale)
+        for name in layout.head_norms:  # over head_dim, shared by all heads: untouched by any mask
+            pruned[dst(f'{name}.weight')] = source[src(f'{name}.weight')].float()
 
         report_layers.append(KeptLayer(source_index=layer, kv_groups=kept_groups.tolist(),
                                        query_heads=kept_queries.tolist(), intermediate_dims=kept_ffn.tolist()))
 
-    pruned_sizes = {
-        'num_hidden_layers': len(kept_layers),
-        'hidden_size': int(kept_hidden.numel()),
-        'num_attention_heads': num_kv_groups * queries_per_group,
-        'num_key_value_heads': num_kv_groups,
-        'intermediate_size': num_intermediate,
-        'head_dim': head_dim,
-    }
-    new_config = copy.deepcopy(config)
-    for key, value in pruned_sizes.items():
-        setattr(new_config, key, value)
-    if config.model_type == 'qwen2' and getattr(config, 'max_window_layers', None) is not None:
-        # Layers from index max_window_layers on use sliding windows; keep that split after renumbering.
-        new_config.max_window_layers = sum(1 for layer in kept_layers if layer < config.max_window_layers)
-
-    dtype = source['model.embed_tokens.weight'].dtype
+    dtype = source[embedding_key].dtype
     with no_init_weights():
         pruned_model = AutoModelForCausalLM.from_config(new_config, torch_dtype=dtype)
     expected_keys = set(pruned_model.state_dict())
     if set(pruned) != expected_keys:
         raise RuntimeError(f'sliced weights do not match the {type(pruned_model).__name__} layout: '
                            f'missing {sorted(expected_keys - set(pruned))[:5]}, '
-                           f'unexpected {sorted(set(pruned) - expected_keys)[:5]}')
+                           f'unexpected {sorted(set(pruned) - expected_keys)[:5]}; the {config.model_type} '
+                           f'DecoderLayout does not describe every weight of this model')
     pruned_model.load_state_dict({key: value.to(dtype) for key, value in pruned.items()}, strict=True)
     if tied:
         pruned_model.tie_weights()
@@ -272,7 +311,7 @@ def fold_and_slice(hf_model: PreTrainedModel, masks: Mapping[str, Tensor]) -> tu
     report = PruningReport(
         model_type=config.model_type,
         source_sizes=_hf_sizes(arch),
-        pruned_sizes=pruned_sizes,
+        pruned_sizes={STANDARD_CONFIG_KEYS[key]: value for key, value in pruned_sizes.items()},
         kept_layers=report_layers,
         kept_hidden_dims=kept_hidden.tolist(),
         params_before=count_model_parameters(hf_model),

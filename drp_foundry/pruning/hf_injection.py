@@ -1,19 +1,24 @@
-"""Put an ``L0MaskModule`` into a stock HF Llama / Mistral / Qwen2 model with hooks.
+"""Put an ``L0MaskModule`` into a stock HF decoder with hooks, where the family's layout says.
 
 No model file is replaced: the masks enter the forward pass of the unmodified HF modules
-(docs/DESIGN.md mask table) through
+(docs/DESIGN.md mask table) at the modules the family's ``DecoderLayout`` names
+(``pruning/layouts.py``; Llama's names below) through
 
 - a forward pre-hook on the top model (``*ForCausalLM``): draws the masks of this forward
-  pass once (a sample in training, deterministic masks in eval) and precomputes what the
-  other hooks read;
-- ``embed_tokens`` forward hook: embedding output * z_hidden;
-- ``o_proj`` forward pre-hook: KV group g of layer l (its H/G query heads) * z_head[l, g];
-  ``o_proj`` forward hook: output * z_layer[l] * z_hidden;
-- ``down_proj`` forward pre-hook: FFN activation * z_intermediate[l];
-  ``down_proj`` forward hook: output * z_layer[l] * z_hidden;
-- every RMSNorm (two per layer and the final norm): its ``forward`` is swapped for the
-  masked RMSNorm ``y = x / sqrt(sum_d x_d^2 [z_d != 0] / #{z_d != 0} + eps) * w * z``
-  (``masked_rms_norm``).
+  pass once (a sample in training, deterministic masks in eval), precomputes what the
+  other hooks read and, in a training forward, records the size terms (``SizeTerms``);
+- embedding (``embed_tokens``) forward hook: embedding output * z_hidden (a family that
+  scales its embeddings, Gemma, multiplies after: the product commutes);
+- attention output (``o_proj``) forward pre-hook: KV group g of layer l (its H/G query heads)
+  * z_head[l, g]; forward hook: output * z_layer[l] * z_hidden, or, when a branch-output norm
+  follows (Gemma's sandwich norms), output * [z_hidden != 0] only;
+- MLP output (``down_proj``) forward pre-hook: FFN activation * z_intermediate[l]; forward hook
+  as the attention output;
+- every hidden-width norm: its ``forward`` is swapped for the masked norm
+  ``y = x / sqrt(sum_d x_d^2 [z_d != 0] / #{z_d != 0} + eps) * (offset + w) * s`` (``masked_norm``)
+  with ``s = z_hidden`` for the norms that read the residual stream (the pre-norms and the
+  final norm) and ``s = z_layer[l] * z_hidden`` for branch-output norms (an RMSNorm would
+  undo a scalar applied before it, so the layer mask goes after it).
 
 Masks act on the inputs and outputs of ``o_proj`` and ``down_proj`` and never inside the
 attention kernel, so eager, SDPA and flash attention all work. With activation
@@ -38,14 +43,16 @@ import torch
 from torch import nn
 
 from drp_foundry.pruning.architecture import DecoderArchitecture
+from drp_foundry.pruning.layouts import DecoderLayout, NormForm, get_layout
 from drp_foundry.pruning.mask_module import L0MaskModule
 
 __all__ = ['MASK_MODULE_NAME', 'ForwardMasks', 'inject_masks', 'remove_masks', 'get_mask_module', 'decoder_layers',
-           'masked_rms_norm']
+           'masked_rms_norm', 'masked_norm', 'layout_of']
 
 MASK_MODULE_NAME = 'drp_masks'
 _HANDLES_ATTR = '_drp_mask_hook_handles'
 _CHECKED_ATTR = '_drp_checked_checkpointing'
+_SWAPPED_ATTR = '_drp_swapped_norms'
 
 
 @dataclass
@@ -54,19 +61,24 @@ class ForwardMasks:
 
     head: torch.Tensor | None  # (L, G)
     intermediate: torch.Tensor | None  # (L, F)
-    residual_scale: torch.Tensor | None  # (L, D) = z_layer[l] * z_hidden, for o_proj/down_proj outputs
+    residual_scale: torch.Tensor | None  # (L, D) = z_layer[l] * z_hidden, on what a branch adds to the residual
     hidden: torch.Tensor | None  # (D,)
     hidden_count: torch.Tensor | None  # scalar: #{z_hidden != 0}
+    hidden_indicator: torch.Tensor | None = None  # (D,): [z_hidden != 0], before a branch-output norm
+
+
+def layout_of(hf_model: nn.Module) -> DecoderLayout:
+    """The layout of the model's family (``ValueError`` naming the known families when there is none)."""
+    return get_layout(getattr(getattr(hf_model, 'config', None), 'model_type', None))
 
 
 def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a ``*ForCausalLM`` (``model.layers``)."""
-    base = getattr(hf_model, 'model', None)
-    layers = getattr(base, 'layers', None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f'{type(hf_model).__name__} is not a HF Llama/Mistral/Qwen2 *ForCausalLM '
-                        f'(no .model.layers); pass the HF model itself (ComposerHFCausalLM.model)')
-    return layers
+    """The decoder layers of a ``*ForCausalLM`` (where its layout says: ``model.layers`` for Llama)."""
+    config = getattr(hf_model, 'config', None)
+    if config is None:
+        raise TypeError(f'{type(hf_model).__name__} is not a HF *ForCausalLM (no config); pass the HF model itself '
+                        f'(ComposerHFCausalLM.model)')
+    return layout_of(hf_model).decoder_layers(hf_model)
 
 
 def get_mask_module(hf_model: nn.Module) -> L0MaskModule | None:
@@ -76,7 +88,7 @@ def get_mask_module(hf_model: nn.Module) -> L0MaskModule | None:
 
 def masked_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, hidden: torch.Tensor,
                     hidden_count: torch.Tensor) -> torch.Tensor:
-    """RMSNorm over the kept hidden dims, output * z_hidden (HF's dtype handling).
+    """Llama's RMSNorm over the kept hidden dims, output * z_hidden (HF's dtype handling).
 
     ``y = x / sqrt(sum_d x_d^2 [z_d != 0] / #{z_d != 0} + eps) * weight * z``. The sum runs
     over all dims: every writer to the residual stream (embedding, o_proj, down_proj) is
@@ -84,19 +96,49 @@ def masked_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, hidden: t
     with the indicator. ``weight * z`` is formed first (a vector), so the masked norm costs
     the same activation work as HF's.
     """
+    return masked_norm(x, weight, eps, hidden_count, hidden, NormForm())
+
+
+def masked_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, count: torch.Tensor | int,
+                scale: torch.Tensor | None, form: NormForm) -> torch.Tensor:
+    """``x / sqrt(sum_d x_d^2 / count + eps) * (offset + w) * scale`` in the family's dtype handling.
+
+    ``x`` must be exactly 0 at pruned dims (see ``masked_rms_norm``); ``count`` is the number of
+    kept dims (the width when hidden is not pruned); ``scale`` None means 1.
+    """
     input_dtype = x.dtype
     x32 = x.to(torch.float32)
-    variance = x32.pow(2).sum(-1, keepdim=True) / hidden_count
+    variance = x32.pow(2).sum(-1, keepdim=True) / count
     normed = x32 * torch.rsqrt(variance + eps)
-    return (weight * hidden.to(weight.dtype)) * normed.to(input_dtype)
+    if form.upcast_output:  # Gemma: (x_hat * (1 + w)) in float32, then cast
+        gain = form.offset + weight.float()
+        if scale is not None:
+            gain = gain * scale.float()
+        return (normed * gain).type_as(x)
+    gain = weight + form.offset if form.offset else weight
+    if scale is not None:
+        gain = gain * scale.to(weight.dtype)
+    return gain * normed.to(input_dtype)
 
 
-def _rms_norm_forward(mask_module: L0MaskModule):
+def _norm_forward(mask_module: L0MaskModule, form: NormForm, layer_index: int | None):
+    """Masked forward of a stream norm (``layer_index`` None: output * z_hidden) or of the branch-output norm
+    of layer ``layer_index`` (output * z_layer[l] * z_hidden)."""
+    eps_attr = form.eps_attr
+    width = mask_module.source.hidden_size
+
     def forward(self, hidden_states):
         active: ForwardMasks = mask_module.forward_masks
-        if active is None or active.hidden is None:
+        if active is None:
             return type(self).forward(self, hidden_states)
-        return masked_rms_norm(hidden_states, self.weight, self.variance_epsilon, active.hidden, active.hidden_count)
+        if layer_index is None:
+            scale = active.hidden
+        else:
+            scale = None if active.residual_scale is None else active.residual_scale[layer_index]
+        if scale is None:
+            return type(self).forward(self, hidden_states)
+        count = active.hidden_count if active.hidden_count is not None else width
+        return masked_norm(hidden_states, self.weight, getattr(self, eps_attr), count, scale, form)
 
     return forward
 
@@ -109,22 +151,29 @@ def _prepare_forward_masks(mask_module: L0MaskModule, masks: dict[str, torch.Ten
         layer_col = layer[:, None] if layer is not None else torch.ones(source.num_layers, 1, device=hidden.device)
         hidden_row = hidden[None, :] if hidden is not None else torch.ones(1, source.hidden_size, device=layer.device)
         residual_scale = layer_col * hidden_row
-    hidden_count = None
+    hidden_count = hidden_indicator = None
     if hidden is not None:
         hidden_count = (hidden != 0).sum().to(torch.float32).clamp_min(1.0)
+        hidden_indicator = (hidden != 0).to(hidden.dtype)
     return ForwardMasks(head=masks.get('head'), intermediate=masks.get('intermediate'), residual_scale=residual_scale,
-                        hidden=hidden, hidden_count=hidden_count)
+                        hidden=hidden, hidden_count=hidden_count, hidden_indicator=hidden_indicator)
 
 
 def inject_masks(hf_model: nn.Module, mask_module: L0MaskModule) -> None:
-    """Attach ``mask_module`` as ``hf_model.drp_masks`` and hook it into the forward pass."""
+    """Attach ``mask_module`` as ``hf_model.drp_masks`` and hook it into the forward pass (module doc).
+
+    Raises ``ValueError`` when the model's family has no layout, the model does not match its
+    layout, or the mask module was built for another architecture.
+    """
     if get_mask_module(hf_model) is not None:
         raise ValueError(f'{type(hf_model).__name__} already carries masks ({MASK_MODULE_NAME}); remove_masks first')
+    layout = layout_of(hf_model)
     arch = DecoderArchitecture.from_hf_config(hf_model.config)
     if arch != mask_module.source:
         raise ValueError(f'mask module was built for {mask_module.source}, but the model is {arch}')
-    layers = decoder_layers(hf_model)
-    base = hf_model.model
+    layout.check_model(hf_model, arch)
+    layers = layout.decoder_layers(hf_model)
+    base = layout.base(hf_model)
     hf_model.add_module(MASK_MODULE_NAME, mask_module)
     mask_module.forward_masks = None
     handles = []
@@ -143,17 +192,23 @@ def inject_masks(hf_model: nn.Module, mask_module: L0MaskModule) -> None:
         hidden = mask_module.forward_masks.hidden
         return output if hidden is None else output * hidden.to(output.dtype)
 
-    handles.append(base.embed_tokens.register_forward_hook(scale_embeddings))
+    handles.append(base.get_submodule(layout.embedding).register_forward_hook(scale_embeddings))
 
+    swapped = []
     for index, layer in enumerate(layers):
-        handles.extend(_hook_layer(layer, index, mask_module))
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.forward = types.MethodType(_rms_norm_forward(mask_module), norm)
-    base.norm.forward = types.MethodType(_rms_norm_forward(mask_module), base.norm)
+        handles.extend(_hook_layer(layer, index, mask_module, layout))
+        for name in layout.stream_norms():
+            swapped.append((layer.get_submodule(name), None, index))
+        for name in layout.branch_output_norms():
+            swapped.append((layer.get_submodule(name), index, index))
+    swapped.append((base.get_submodule(layout.final_norm), None, None))
+    for norm, layer_index, _ in swapped:
+        norm.forward = types.MethodType(_norm_forward(mask_module, layout.norm, layer_index), norm)
     setattr(hf_model, _HANDLES_ATTR, handles)
+    setattr(hf_model, _SWAPPED_ATTR, [norm for norm, _, _ in swapped])
 
 
-def _hook_layer(layer: nn.Module, index: int, mask_module: L0MaskModule) -> list:
+def _hook_layer(layer: nn.Module, index: int, mask_module: L0MaskModule, layout: DecoderLayout) -> list:
     group_count = mask_module.source.num_kv_heads
 
     def mask_head_groups(module, args):
@@ -175,12 +230,17 @@ def _hook_layer(layer: nn.Module, index: int, mask_module: L0MaskModule) -> list
         scale = mask_module.forward_masks.residual_scale
         return output if scale is None else output * scale[index].to(output.dtype)
 
-    o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+    def zero_pruned_dims(module, args, output):  # a branch-output norm follows: exact zeros, soft value after it
+        indicator = mask_module.forward_masks.hidden_indicator
+        return output if indicator is None else output * indicator.to(output.dtype)
+
+    branch_output = zero_pruned_dims if layout.sandwich else scale_residual_branch
+    attention_output, mlp_output = layer.get_submodule(layout.attention_output), layer.get_submodule(layout.mlp_output)
     return [
-        o_proj.register_forward_pre_hook(mask_head_groups),
-        o_proj.register_forward_hook(scale_residual_branch),
-        down_proj.register_forward_pre_hook(mask_intermediate),
-        down_proj.register_forward_hook(scale_residual_branch),
+        attention_output.register_forward_pre_hook(mask_head_groups),
+        attention_output.register_forward_hook(branch_output),
+        mlp_output.register_forward_pre_hook(mask_intermediate),
+        mlp_output.register_forward_hook(branch_output),
     ]
 
 
@@ -207,11 +267,9 @@ def remove_masks(hf_model: nn.Module) -> L0MaskModule:
     for handle in getattr(hf_model, _HANDLES_ATTR, []):
         handle.remove()
     delattr(hf_model, _HANDLES_ATTR)
-    base = hf_model.model
-    for layer in decoder_layers(hf_model):
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.__dict__.pop('forward', None)
-    base.norm.__dict__.pop('forward', None)
+    for norm in getattr(hf_model, _SWAPPED_ATTR, []):
+        norm.__dict__.pop('forward', None)
+    hf_model.__dict__.pop(_SWAPPED_ATTR, None)
     del hf_model._modules[MASK_MODULE_NAME]
     mask_module.forward_masks = None
     hf_model.__dict__.pop(_CHECKED_ATTR, None)

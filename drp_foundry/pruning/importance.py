@@ -3,14 +3,15 @@
 Used to initialise the L0 masks (``drp_mask_learner`` ``init: importance``) and by the
 one-shot pruning path (``drp-prune-oneshot``). Scores follow Minitron (Muralidharan et al.
 2024, activation-based) and ShortGPT (Men et al. 2024, block importance), computed in one pass
-over a few calibration batches with forward hooks on a stock HF Llama / Mistral / Qwen2:
+over a few calibration batches with forward hooks on a stock HF decoder, at the modules its family's
+``DecoderLayout`` names (Llama's below):
 
 - ``intermediate (L, F)``: mean over tokens of ``|act(gate(x)) * up(x)|`` per FFN unit (the
   input of ``down_proj``);
 - ``head (L, G)``: mean over tokens of the L2 norm of each KV group's attention output (the
   slice of ``o_proj``'s input that belongs to the group's H/G query heads);
-- ``hidden (D,)``: mean over tokens of ``|y_d|``, summed over every RMSNorm output (two per layer
-  and the final norm);
+- ``hidden (D,)``: mean over tokens of ``|y_d|``, summed over every hidden-width norm output (two
+  per layer, four with sandwich norms, and the final norm);
 - ``layer (L,)``: block importance ``1 - cos(h_in, h_out)`` of each decoder layer, averaged over
   tokens (a layer that barely changes the residual stream scores near 0).
 
@@ -36,7 +37,7 @@ from torch import nn
 
 from drp_foundry.pruning import hard_concrete
 from drp_foundry.pruning.architecture import DecoderArchitecture
-from drp_foundry.pruning.hf_injection import decoder_layers, get_mask_module
+from drp_foundry.pruning.hf_injection import get_mask_module, layout_of
 
 __all__ = ['activation_importance', 'importance_log_alpha', 'importance_masks', 'DEFAULT_PRUNED_KEEP_PROB']
 
@@ -67,7 +68,8 @@ def activation_importance(hf_model: nn.Module, batches: Iterable[Mapping[str, to
     all masks at 1. Scores are sums over tokens divided by the token count (float32, on CPU).
     """
     arch = DecoderArchitecture.from_hf_config(hf_model.config)
-    layers = decoder_layers(hf_model)
+    layout = layout_of(hf_model)
+    layers = layout.decoder_layers(hf_model)
     L, G, F, D = arch.num_layers, arch.num_kv_heads, arch.intermediate_size, arch.hidden_size
     sums = {'layer': torch.zeros(L, dtype=torch.float64), 'head': torch.zeros(L, G, dtype=torch.float64),
             'intermediate': torch.zeros(L, F, dtype=torch.float64), 'hidden': torch.zeros(D, dtype=torch.float64)}
@@ -94,11 +96,10 @@ def activation_importance(hf_model: nn.Module, batches: Iterable[Mapping[str, to
             cos = nn.functional.cosine_similarity(token_rows(hidden_in), token_rows(hidden_out), dim=-1, eps=1e-8)
             sums['layer'][index] += (1.0 - cos).sum().double().cpu()
 
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(on_o_proj))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(on_down_proj))
+        handles.append(layer.get_submodule(layout.attention_output).register_forward_pre_hook(on_o_proj))
+        handles.append(layer.get_submodule(layout.mlp_output).register_forward_pre_hook(on_down_proj))
         handles.append(layer.register_forward_hook(on_layer, with_kwargs=True))
-    norms = [norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-    norms.append(hf_model.model.norm)
+    norms = layout.all_norms(hf_model)
 
     def on_norm(module, args, output):
         sums['hidden'] += token_rows(output).abs().sum(dim=0).double().cpu()

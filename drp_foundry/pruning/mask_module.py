@@ -28,6 +28,7 @@ Pure torch: no Composer or LLM-Foundry import.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any, Iterable, Mapping
 
@@ -38,22 +39,25 @@ from drp_foundry.pruning import hard_concrete
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture, validate_target
 from drp_foundry.pruning.expected_size import (
     GRANULARITIES,
+    GRANULARITY_FIELDS,
     expected_fractions,
     expected_num_parameters,
     mask_shapes,
+    pruned_granularities,
     target_fractions,
+    target_keep_counts,
 )
+from drp_foundry.pruning.layouts import get_layout
 
-__all__ = ['EVAL_MODES', 'INIT_MODES', 'EXTRA_STATE_FORMAT', 'L0MaskModule']
+__all__ = ['EVAL_MODES', 'INIT_MODES', 'EXTRA_STATE_FORMAT', 'L0MaskModule', 'SizeTerms', 'NoSizeTermsError']
 
 EVAL_MODES = ('expected', 'target')
 INIT_MODES = ('constant', 'importance')
 EXTRA_STATE_FORMAT = 'drp_foundry.l0_masks/1'
 
 # Which target field each granularity prunes (a target below the source needs that mask).
-_TARGET_FIELD = {'layer': 'layers', 'head': 'kv_heads', 'intermediate': 'intermediate', 'hidden': 'hidden'}
-_SOURCE_FIELD = {'layer': 'num_layers', 'head': 'num_kv_heads', 'intermediate': 'intermediate_size',
-                 'hidden': 'hidden_size'}
+_TARGET_FIELD = {key: fields[0] for key, fields in GRANULARITY_FIELDS.items()}
+_SOURCE_FIELD = {key: fields[1] for key, fields in GRANULARITY_FIELDS.items()}
 
 
 def noise_key(seed: int, rank: int, draw: int) -> int:
@@ -62,9 +66,36 @@ def noise_key(seed: int, rank: int, draw: int) -> int:
     return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
 
 
-def _detach_terms(terms: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: ({key: v.detach() for key, v in value.items()} if isinstance(value, Mapping) else value.detach())
-            for name, value in terms.items()}
+class NoSizeTermsError(RuntimeError):
+    """Size terms were read before a training forward recorded them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeTerms:
+    """What the mask module hands to the Lagrangian, the logs and the data scheduler, from one read of its
+    parameters in a training forward (while FSDP has them gathered).
+
+    ``expected``: the expected kept fraction s_i per enabled granularity (per layer for head and
+    intermediate: shape (L,)); ``num_parameters``: the expected parameter count of the HF model
+    (``expected_size.expected_num_parameters``); ``lambda_1`` / ``lambda_2``: the multipliers per
+    granularity. Tensors carry the autograd graph unless ``detached()``.
+    """
+
+    expected: Mapping[str, torch.Tensor]
+    num_parameters: torch.Tensor
+    lambda_1: Mapping[str, torch.Tensor]
+    lambda_2: Mapping[str, torch.Tensor]
+
+    def detached(self) -> 'SizeTerms':
+        return SizeTerms(expected={key: value.detach() for key, value in self.expected.items()},
+                         num_parameters=self.num_parameters.detach(),
+                         lambda_1={key: value.detach() for key, value in self.lambda_1.items()},
+                         lambda_2={key: value.detach() for key, value in self.lambda_2.items()})
+
+
+_NOTHING_RECORDED = ('no size terms were recorded: they are taken in a training forward of the model carrying the '
+                     'masks (model.train(), gradients enabled), where FSDP has the mask parameters gathered; run '
+                     'the forward pass of this step before {what}')
 
 
 class L0MaskModule(nn.Module):
@@ -99,8 +130,10 @@ class L0MaskModule(nn.Module):
             raise ValueError(f'eval_mask_mode must be one of {EVAL_MODES}, got {eval_mode!r}')
         target = target.resolve(source) if target.kv_heads is None else target
         validate_target(source, target)
+        pruned = pruned_granularities(source, target)
+        get_layout(source.model_type).check_granularities(granularities, pruned)
         for key in GRANULARITIES:
-            if key not in granularities and getattr(target, _TARGET_FIELD[key]) < getattr(source, _SOURCE_FIELD[key]):
+            if key not in granularities and key in pruned:
                 raise ValueError(f'target.{_TARGET_FIELD[key]}={getattr(target, _TARGET_FIELD[key])} prunes '
                                  f'{key!r} but that granularity is switched off; add {key!r} to granularities or '
                                  f'set target.{_TARGET_FIELD[key]}={getattr(source, _SOURCE_FIELD[key])}')
@@ -118,8 +151,8 @@ class L0MaskModule(nn.Module):
         self.current_masks: dict[str, torch.Tensor] | None = None
         self.forward_masks: Any = None  # what the hooks of hf_injection read, set once per forward pass
         # size_terms() taken in the latest training forward, while FSDP has the parameters gathered:
-        self.pending_size_terms: dict[str, Any] | None = None  # with graph, consumed by the Lagrangian
-        self.last_size_terms: dict[str, Any] | None = None  # detached, for logging
+        self._pending_size_terms: SizeTerms | None = None  # with graph, consumed by the Lagrangian
+        self._last_size_terms: SizeTerms | None = None  # detached, for logging and the scheduler
         self._deterministic_cache: tuple[Any, dict[str, torch.Tensor]] | None = None
         # mask noise (see module doc): seeded from the global RNG unless the caller sets noise_seed
         self.noise_seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
@@ -178,9 +211,7 @@ class L0MaskModule(nn.Module):
     def keep_counts(self, mode: str) -> dict[str, int | torch.Tensor]:
         """Entries each deterministic mask keeps: an int (layer, hidden) or one per layer (head, intermediate)."""
         if mode == 'target':
-            t = self.target
-            counts = {'layer': t.layers, 'head': [t.kv_heads] * self.source.num_layers,
-                      'intermediate': [t.intermediate] * self.source.num_layers, 'hidden': t.hidden}
+            counts = target_keep_counts(self.source, self.target)
             return {key: counts[key] for key in self.granularities}
         if mode != 'expected':
             raise ValueError(f'deterministic mask mode must be one of {EVAL_MODES}, got {mode!r}')
@@ -269,27 +300,45 @@ class L0MaskModule(nn.Module):
         return ({key: self.lambda_1(key) for key in self.granularities},
                 {key: self.lambda_2(key) for key in self.granularities})
 
-    def size_terms(self, detach: bool = False) -> dict[str, Any]:
-        """Everything the Lagrangian and the logs need, from one read of the parameters.
+    def size_terms(self, detach: bool = False) -> SizeTerms:
+        """The ``SizeTerms`` of the current parameters, read now (``detach``: without graph).
 
-        ``{'expected': {key: s_i}, 'num_parameters': expected count, 'lambda_1': {key: ...},
-        'lambda_2': {key: ...}}``; with ``detach`` the tensors carry no graph.
+        Under FSDP only the training forward sees the gathered parameters: training code reads
+        ``take_size_terms`` / ``last_size_terms`` (recorded there) instead.
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
             probs = self.prob_nonzero()
-            terms = {'expected': expected_fractions(self.source, probs),
-                     'num_parameters': expected_num_parameters(self.source, probs)}
+            expected = expected_fractions(self.source, probs)
+            num_parameters = expected_num_parameters(self.source, probs)
         lambda_1, lambda_2 = self.lambdas()
-        terms['lambda_1'], terms['lambda_2'] = lambda_1, lambda_2
-        if detach:
-            terms = _detach_terms(terms)
-        return terms
+        terms = SizeTerms(expected=expected, num_parameters=num_parameters, lambda_1=lambda_1, lambda_2=lambda_2)
+        return terms.detached() if detach else terms
 
     def record_size_terms(self) -> None:
         """Take ``size_terms`` now (called in each training forward by the top-model pre-hook)."""
         terms = self.size_terms()
-        self.pending_size_terms = terms
-        self.last_size_terms = _detach_terms(terms)
+        self._pending_size_terms = terms
+        self._last_size_terms = terms.detached()
+
+    def take_size_terms(self) -> SizeTerms:
+        """The terms recorded in the latest training forward, with graph; consumed (the Lagrangian, once per
+        forward). Raises ``NoSizeTermsError`` when no training forward recorded any since the last take."""
+        terms, self._pending_size_terms = self._pending_size_terms, None
+        if terms is None:
+            raise NoSizeTermsError(_NOTHING_RECORDED.format(what='adding the Lagrangian penalty'))
+        return terms
+
+    @property
+    def has_pending_size_terms(self) -> bool:
+        return self._pending_size_terms is not None
+
+    @property
+    def last_size_terms(self) -> SizeTerms:
+        """The detached terms of the latest training forward (logs, data scheduler); ``NoSizeTermsError`` before
+        the first one."""
+        if self._last_size_terms is None:
+            raise NoSizeTermsError(_NOTHING_RECORDED.format(what='reading the expected size'))
+        return self._last_size_terms
 
     # --- checkpoint -------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
