@@ -239,3 +239,52 @@ def test_unknown_family_is_refused_with_the_known_ones():
 
     with pytest.raises(ValueError, match="'gpt2'.*known families.*drp_foundry_layouts"):
         DecoderArchitecture.from_hf_config(GPT2Config())
+
+
+def test_gemma2_layer_pattern_limit_beyond_the_window():
+    """The stated limit, measured: with a window shorter than the sequence, keeping layers whose index parity
+    is unchanged (drop the last) stays exact; dropping layer 0 flips the kind of the kept layers."""
+    config = FAMILIES['gemma2'][0]()
+    config.sliding_window = 4  # sequences of 12 tokens reach beyond it
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation='eager').eval()
+    errors = {}
+    for name, layer in (('parity kept', [1.0, 1.0, 0.0]), ('parity changed', [0.0, 1.0, 1.0])):
+        pruned, _ = export(model, {'layer': torch.tensor(layer)})
+        with torch.no_grad():
+            masked_free = model.model.layers  # the reference: the source model with those layers skipped
+            kept = torch.nn.ModuleList(masked_free[i] for i, z in enumerate(layer) if z)
+            model.model.layers = kept
+            try:
+                reference = logits(model)
+            finally:
+                model.model.layers = masked_free
+        errors[name] = float((logits(pruned) - reference).abs().max())
+    assert errors['parity kept'] < 1e-4 and errors['parity changed'] > 1e-3, errors
+
+
+def test_oneshot_prunes_every_family():
+    """Importance scoring finds each family's modules through its layout; the one-shot model has the target size."""
+    from drp_foundry.oneshot import oneshot_prune
+
+    for family in sorted(FAMILIES):
+        model = build(family)
+        source = DecoderArchitecture.from_hf_config(model.config)
+        target = target_for(source, GRANULARITIES)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            pruned, report, scores = oneshot_prune(model, target, list(TOKENS))
+        assert report.params_after == source.pruned(target).count_parameters(), family
+        assert scores['hidden'].shape == (source.hidden_size,) and bool((scores['head'] > 0).all()), family
+
+
+def test_architecture_records_of_older_checkpoints_load():
+    """Mask extra state written before layer_norms / head_norms existed (Llama/Mistral/Qwen2 only) loads with
+    their defaults; a record with keys this version does not know is refused with a message."""
+    source = DecoderArchitecture.from_hf_config(FAMILIES['qwen2'][0]())
+    old = {key: value for key, value in source.to_dict().items() if key not in ('layer_norms', 'head_norms')}
+    assert DecoderArchitecture.from_dict(old) == source
+    qwen3 = DecoderArchitecture.from_hf_config(FAMILIES['qwen3'][0]())
+    assert DecoderArchitecture.from_dict(qwen3.to_dict()) == qwen3 and qwen3.head_norms == 2
+    with pytest.raises(ValueError, match='newer drp-foundry'):
+        DecoderArchitecture.from_dict({**old, 'expert_count': 8})
