@@ -151,7 +151,10 @@ def oneshot_prune(hf_model, target: TargetArchitecture | Mapping[str, int], sequ
     if isinstance(target, Mapping):
         target = TargetArchitecture.from_config(target)
     target = target.resolve(source)
-    get_layout(source.model_type).check_granularities(GRANULARITIES, pruned_granularities(source, target))
+    layout = get_layout(source.model_type)
+    layout.check_granularities(GRANULARITIES, pruned_granularities(source, target))
+    if layout.check_target is not None:
+        layout.check_target(hf_model.config, source, target)
     device = next(hf_model.parameters()).device
     scores = activation_importance(hf_model, _batches(sequences, batch_size, device))
     masks = importance_masks(scores, keep_counts(source, target))

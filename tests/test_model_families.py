@@ -85,9 +85,20 @@ def target_for(source: DecoderArchitecture, granularities) -> TargetArchitecture
     return TargetArchitecture(**values)
 
 
-def build(family: str, seed: int = 0):
+def phi3_longrope_config():
+    """Phi-3 with LongRoPE scaling (Phi-3-mini-128k, Phi-3.5): factor lists of length head_dim / 2."""
+    return Phi3Config(**COMMON, original_max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      rope_scaling={'type': 'longrope', 'short_factor': [1.0 + 0.1 * i for i in range(8)],
+                                    'long_factor': [1.5 + 0.2 * i for i in range(8)]})
+
+
+# Phi-3 with rope_scaling can only export hidden // heads == head_dim (16): layers, hidden, heads, FFN together
+PHI3_LONGROPE_TARGET = TargetArchitecture(layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+
+
+def build(family: str, seed: int = 0, config=None):
     torch.manual_seed(seed)
-    config = FAMILIES[family][0]()
+    config = FAMILIES[family][0]() if config is None else config
     model = AutoModelForCausalLM.from_config(config, attn_implementation='eager')
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # far from init (norm gains at 0 or 1), so slicing errors show in the logits
@@ -97,12 +108,13 @@ def build(family: str, seed: int = 0):
     return model.eval()
 
 
-def masked(family: str, granularities, seed: int = 0):
-    model = build(family, seed)
+def masked(family: str, granularities, seed: int = 0, config=None, target=None):
+    model = build(family, seed, config)
     source = DecoderArchitecture.from_hf_config(model.config)
+    target = target_for(source, granularities) if target is None else target
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # Gemma 2's layer-pattern warning (its own test below)
-        mask_module = L0MaskModule(source, target_for(source, granularities), granularities=granularities,
+        mask_module = L0MaskModule(source, target, granularities=granularities,
                                    init_mean=0.0, init_std=2.0, eval_mode='target')
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # log-alphas spread over [-2, 2]: kept soft values far from 1, so folding is exercised
@@ -167,11 +179,14 @@ def test_expected_size_formula_equals_exported_count(family):
 
 def test_exports_load_with_plain_transformers_in_a_fresh_interpreter(tmp_path):
     expected = {}
-    for family in sorted(FAMILIES):
-        model, mask_module = masked(family, GRANULARITIES, seed=3)
+    cases = {family: masked(family, GRANULARITIES, seed=3) for family in sorted(FAMILIES)}
+    cases['phi3_longrope'] = masked('phi3', GRANULARITIES, seed=3, config=phi3_longrope_config(),
+                                    target=PHI3_LONGROPE_TARGET)
+    for name, (model, mask_module) in cases.items():
         pruned, _ = export(model, mask_module.deterministic('target'))
-        pruned.save_pretrained(tmp_path / family, safe_serialization=True)
-        expected[family] = logits(model).tolist()
+        assert torch.allclose(logits(pruned), logits(model), atol=1e-4, rtol=0), name
+        pruned.save_pretrained(tmp_path / name, safe_serialization=True)
+        expected[name] = logits(model).tolist()
     (tmp_path / 'expected.json').write_text(json.dumps({'tokens': TOKENS.tolist(), 'logits': expected}))
     script = '''
 import json, sys
@@ -192,8 +207,23 @@ print(json.dumps(worst))
                             cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     worst = json.loads(result.stdout.strip().splitlines()[-1])
-    assert sorted(worst) == sorted(FAMILIES)
+    assert sorted(worst) == sorted([*FAMILIES, 'phi3_longrope'])
     assert max(worst.values()) < 1e-4, worst
+
+
+def test_phi3_rope_scaling_targets_its_config_cannot_hold_are_refused_at_init():
+    model = build('phi3', config=phi3_longrope_config())
+    source = DecoderArchitecture.from_hf_config(model.config)
+    mask_module = L0MaskModule(source, target_for(source, GRANULARITIES))  # hidden 48 // heads 2 = 24 != 16
+    with pytest.raises(ValueError, match=r'hidden // target.heads == 16'):
+        inject_masks(model, mask_module)
+    from drp_foundry.oneshot import oneshot_prune
+
+    with pytest.raises(ValueError, match=r'hidden // target.heads == 16'):
+        oneshot_prune(model, target_for(source, GRANULARITIES), list(TOKENS))
+    masks = {'hidden': (torch.arange(64) < 48).float(), 'head': torch.tensor([[1.0, 0.0]] * 3)}
+    with pytest.raises(ValueError, match='would not load'):  # export checks the config round trip as well
+        fold_and_slice(model, masks)
 
 
 def test_gemma_embedding_scale_is_compensated_at_export():

@@ -224,6 +224,11 @@ def fold_and_slice(hf_model: PreTrainedModel, masks: Mapping[str, Tensor]) -> tu
         setattr(new_config, layout.config_keys[key], value)
     if layout.fix_config is not None:
         layout.fix_config(new_config, config, kept_layers)
+    try:  # the saved folder must load: a config class may validate values against the new sizes
+        type(new_config).from_dict(new_config.to_dict())
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f'the pruned {config.model_type} config would not load ({error}); these sizes cannot be '
+                         f'exported for this family') from error
     # the exported model scales its embeddings for its own width: compensate (module doc)
     embed_factor = 1.0
     if layout.embedding_scale is not None:

@@ -163,7 +163,8 @@ def inject_masks(hf_model: nn.Module, mask_module: L0MaskModule) -> None:
     """Attach ``mask_module`` as ``hf_model.drp_masks`` and hook it into the forward pass (module doc).
 
     Raises ``ValueError`` when the model's family has no layout, the model does not match its
-    layout, or the mask module was built for another architecture.
+    layout, its config cannot hold the target (``DecoderLayout.check_target``), or the mask module
+    was built for another architecture.
     """
     if get_mask_module(hf_model) is not None:
         raise ValueError(f'{type(hf_model).__name__} already carries masks ({MASK_MODULE_NAME}); remove_masks first')
@@ -172,6 +173,8 @@ def inject_masks(hf_model: nn.Module, mask_module: L0MaskModule) -> None:
     if arch != mask_module.source:
         raise ValueError(f'mask module was built for {mask_module.source}, but the model is {arch}')
     layout.check_model(hf_model, arch)
+    if layout.check_target is not None:
+        layout.check_target(hf_model.config, arch, mask_module.target)
     layers = layout.decoder_layers(hf_model)
     base = layout.base(hf_model)
     hf_model.add_module(MASK_MODULE_NAME, mask_module)

@@ -18,7 +18,8 @@ special case of their own:
 - the embedding scale computed from the config (Gemma: sqrt(hidden_size), so slicing hidden
   changes it and export compensates, see ``export.py``);
 - biases (read from the config), and config fix-ups at export (Qwen2/3 ``max_window_layers``);
-- what the family cannot express: granularities refused at INIT with the reason, and a
+- what the family cannot express: granularities refused at INIT with the reason, targets its
+  config cannot hold (``check_target(config, source, target)``: Phi-3 with ``rope_scaling``), and a
   warning when layer pruning changes a layer-index pattern (Gemma 2's sliding/global layers).
 
 Layouts are registered by ``model_type``: the built-in ones below, any registered with
@@ -106,6 +107,20 @@ def _qwen2_biases(config: Any) -> tuple[bool, bool, bool]:
     return True, False, False
 
 
+def _phi3_rope_check(config: Any, arch: Any, target: Any) -> None:
+    """Phi-3 checks a ``rope_scaling``'s factor lists against ``hidden_size // num_attention_heads`` (not head_dim)."""
+    if getattr(config, 'rope_scaling', None) is None:
+        return
+    factor = getattr(config, 'partial_rotary_factor', 1.0)
+    source_dims = int(config.hidden_size // config.num_attention_heads * factor)
+    if int(target.hidden // target.heads * factor) != source_dims:
+        raise ValueError(f'phi3 with rope_scaling ({config.rope_scaling.get("type")}): Phi3Config checks the rope '
+                         f'factor lists against hidden_size // num_attention_heads (not head_dim), so the pruned '
+                         f'config would not load unless target.hidden // target.heads == {arch.head_dim}; got '
+                         f'{target.hidden} // {target.heads} = {target.hidden // target.heads}. Prune hidden and heads '
+                         f'together, e.g. hidden = {arch.head_dim} * heads')
+
+
 def _sqrt_hidden(config: Any) -> float:
     return math.sqrt(config.hidden_size)
 
@@ -156,6 +171,7 @@ class DecoderLayout:
     fix_config: Callable[[Any, Any, Sequence[int]], None] | None = None
     layer_pruning_limit: str | None = None
     unsupported: Mapping[str, str] = field(default_factory=dict)
+    check_target: Callable[[Any, Any, Any], None] | None = None
 
     def __post_init__(self):
         roles = [role for projection in self.attention_inputs for role in projection.parts]
@@ -303,7 +319,7 @@ BUILTIN_LAYOUTS: dict[str, DecoderLayout] = {
         # Granite: Llama plus constant embedding / residual / attention multipliers and logits scaling
         DecoderLayout('granite', biases=_llama_biases),
         DecoderLayout('phi3', attention_inputs=(Projection('self_attn.qkv_proj', ('q', 'k', 'v')),),
-                      mlp_inputs=(Projection('mlp.gate_up_proj', ('gate', 'up')),)),
+                      mlp_inputs=(Projection('mlp.gate_up_proj', ('gate', 'up')),), check_target=_phi3_rope_check),
         DecoderLayout('gemma', norm=_GEMMA_NORM, embedding_scale=_sqrt_hidden, biases=_attention_flag_biases),
         DecoderLayout('gemma2', norm=_GEMMA_NORM, embedding_scale=_sqrt_hidden, biases=_attention_flag_biases,
                       mlp_norm='pre_feedforward_layernorm', attention_output_norm='post_attention_layernorm',
