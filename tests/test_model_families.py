@@ -318,3 +318,31 @@ def test_architecture_records_of_older_checkpoints_load():
     assert DecoderArchitecture.from_dict(qwen3.to_dict()) == qwen3 and qwen3.head_norms == 2
     with pytest.raises(ValueError, match='newer drp-foundry'):
         DecoderArchitecture.from_dict({**old, 'expert_count': 8})
+
+
+@pytest.mark.parametrize('family', ['phi3', 'gemma2'])
+def test_composer_pruning_run_on_new_families(family):
+    """MaskLearner + LagrangianUpdater in a Composer Trainer (INIT injects through the layout), a few steps, then
+    the export of the trained masks equals the masked model in eval."""
+    from test_pruning_algorithms import make_trainer
+
+    from drp_foundry.composer.mask_learner import find_mask_module
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        trainer = make_trainer(FAMILIES[family][0](), dict(PRUNED), steps=3)
+        trainer.fit()
+    hf_model = trainer.state.model.model.eval()
+    masks = find_mask_module(hf_model)
+    assert masks.last_size_terms.num_parameters < masks.source.count_parameters()
+    masks.eval_mode = 'target'
+    pruned, report = export(hf_model, masks.deterministic('target'))
+    assert torch.allclose(logits(pruned), logits(hf_model), atol=1e-4, rtol=0)
+    assert report.params_after == masks.target_num_parameters()
+
+
+def test_gemma3_layer_target_is_refused_at_trainer_init():
+    from test_pruning_algorithms import make_trainer
+
+    with pytest.raises(ValueError, match=r"cannot prune \['layer'\].*layer index"):
+        make_trainer(FAMILIES['gemma3_text'][0](), dict(PRUNED), steps=2)
