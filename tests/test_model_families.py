@@ -346,3 +346,28 @@ def test_gemma3_layer_target_is_refused_at_trainer_init():
 
     with pytest.raises(ValueError, match=r"cannot prune \['layer'\].*layer index"):
         make_trainer(FAMILIES['gemma3_text'][0](), dict(PRUNED), steps=2)
+
+
+def test_size_terms_are_typed_recorded_in_training_forwards_and_kept_in_checkpoints():
+    from drp_foundry.pruning.mask_module import NoSizeTermsError, SizeTerms
+
+    model, mask_module = masked('qwen3', GRANULARITIES)
+    with pytest.raises(NoSizeTermsError, match='training forward'):
+        mask_module.last_size_terms
+    logits(model)  # eval forward: records nothing
+    with pytest.raises(NoSizeTermsError):
+        mask_module.take_size_terms()
+    model.train()
+    model(TOKENS)
+    terms = mask_module.take_size_terms()
+    assert isinstance(terms, SizeTerms) and terms.num_parameters.requires_grad
+    assert torch.allclose(terms.num_parameters, mask_module.expected_num_parameters())
+    assert set(terms.expected) == set(GRANULARITIES) and terms.expected['head'].shape == (3,)
+    with pytest.raises(NoSizeTermsError):  # consumed: one penalty per forward
+        mask_module.take_size_terms()
+    state = {key: value for key, value in model.state_dict().items() if key.startswith('drp_masks.')}
+    rebuilt = L0MaskModule.from_extra_state(state['drp_masks._extra_state'])
+    rebuilt.load_state_dict({key[len('drp_masks.'):]: value for key, value in state.items()})
+    restored, recorded = rebuilt.last_size_terms, mask_module.last_size_terms  # a resume before any new step
+    assert float(restored.num_parameters) == float(recorded.num_parameters)
+    assert all(torch.equal(restored.expected[key], recorded.expected[key]) for key in GRANULARITIES)

@@ -86,6 +86,23 @@ class SizeTerms:
     lambda_1: Mapping[str, torch.Tensor]
     lambda_2: Mapping[str, torch.Tensor]
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (lists and floats), for the checkpoint's extra state."""
+        return {'expected': {key: value.detach().cpu().tolist() for key, value in self.expected.items()},
+                'num_parameters': float(self.num_parameters),
+                'lambda_1': {key: float(value) for key, value in self.lambda_1.items()},
+                'lambda_2': {key: float(value) for key, value in self.lambda_2.items()}}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> 'SizeTerms':
+        def tensor(value):
+            return torch.tensor(value, dtype=torch.float32)
+
+        return cls(expected={key: tensor(value) for key, value in values['expected'].items()},
+                   num_parameters=tensor(values['num_parameters']),
+                   lambda_1={key: tensor(value) for key, value in values['lambda_1'].items()},
+                   lambda_2={key: tensor(value) for key, value in values['lambda_2'].items()})
+
     def detached(self) -> 'SizeTerms':
         return SizeTerms(expected={key: value.detach() for key, value in self.expected.items()},
                          num_parameters=self.num_parameters.detach(),
@@ -344,7 +361,9 @@ class L0MaskModule(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         return {'format': EXTRA_STATE_FORMAT, 'source': self.source.to_dict(), 'target': self.target.to_dict(),
                 'granularities': list(self.granularities), 'eval_mode': self.eval_mode, 'init': self.init,
-                'noise': {'seed': self.noise_seed, 'draws': self.noise_draws}}
+                'noise': {'seed': self.noise_seed, 'draws': self.noise_draws},
+                # so that a run resumed after its last step (an eval at FIT_END, no training forward) still has them
+                'last_size_terms': None if self._last_size_terms is None else self._last_size_terms.to_dict()}
 
     def set_extra_state(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get('format') != EXTRA_STATE_FORMAT:
@@ -360,6 +379,8 @@ class L0MaskModule(nn.Module):
         if noise is not None:
             self.noise_seed, self.noise_draws = int(noise['seed']), int(noise['draws'])
         self.init = state.get('init', 'constant')  # where the target ramp started is the checkpoint's
+        if state.get('last_size_terms') is not None:  # absent in checkpoints written before SizeTerms
+            self._last_size_terms = SizeTerms.from_dict(state['last_size_terms'])
 
     @classmethod
     def from_extra_state(cls, state: Mapping[str, Any], **kwargs: Any) -> 'L0MaskModule':
