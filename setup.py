@@ -36,12 +36,16 @@ ENTRY_POINTS = {
         'dro = drp_foundry.scheduling.policies:DROPolicy',
         'drpruning = drp_foundry.scheduling.policies:DRPruningPolicy',
     ],
+    # The commands' logic is in drp_foundry/commands/ (one module each); `python -m` entries call the same main.
     'console_scripts': [
         'drp-prepare-data = data_prep.build_domain_mds:main',
         'drp-hf-corpora = data_prep.hf_corpora:main',
-        'drp-export = drp_foundry.export:main',
-        'drp-prune-oneshot = drp_foundry.oneshot:main',
-        'drp-eval = drp_foundry.eval.cli:main',
+        'drp-train = drp_foundry.commands.train:main',
+        'drp-demo = drp_foundry.commands.demo:main',
+        'drp-export = drp_foundry.commands.export:main',
+        'drp-prune-oneshot = drp_foundry.commands.oneshot:main',
+        'drp-eval = drp_foundry.commands.eval:main',
+        'drp-domain-loss = drp_foundry.commands.domain_loss:main',
     ],
 }
 
@@ -69,6 +73,8 @@ setup(
     },
     package_data={'drp_foundry.eval': ['lm_eval_tasks/*.yaml'],
                   # the demo's default corpus (3.4 MB), so `python -m drp_foundry.demo` works from a wheel
-                  'drp_foundry': ['demo_corpus/*.jsonl.zst', 'demo_corpus/README.md']},
+                  'drp_foundry': ['demo_corpus/*.jsonl.zst', 'demo_corpus/README.md',
+                                  # the demo's recipes (yamls/demo/smollm2_*.yaml link to them)
+                                  'recipes/demo/*.yaml']},
     entry_points=ENTRY_POINTS,
 )

@@ -56,18 +56,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python bench/fidelity.py` puts bench/ first, not the repo
-    sys.path.insert(0, str(REPO))
-
-from drp_foundry.demo import POLICIES, run_logged, scheduler_overrides, train_command  # noqa: E402
-from drp_foundry.eval.fidelity_table import (  # noqa: E402
+from drp_foundry.commands.demo import POLICIES, run_logged, scheduler_overrides, train_command
+from drp_foundry.eval.fidelity_table import (
     format_table,
     plot_fidelity,
     result_row,
     seed_mean_rows,
     write_csv,
 )
+from drp_foundry.fileio import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +149,7 @@ def eval_batches(settings: StudySettings) -> int:
 
 # -- study folder: settings record and stage markers ---------------------------------------------------
 def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.tmp-{path.name}')
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def check_study_record(work: Path, settings: StudySettings) -> None:
@@ -201,7 +197,7 @@ def evaluate(model_dir: Path | str, data_root: Path | str, domains: list[str], s
              max_batches: int | None, split: str = 'eval') -> dict[str, float]:
     import multiprocessing
 
-    from drp_foundry.eval.domain_loss import evaluate_domains
+    from drp_foundry.composer.domain_eval_losses import evaluate_domains
 
     # A fresh process per evaluation: mosaicml-streaming keeps every shared-memory handle of a process
     # open until exit, and a study makes dozens of evaluations (7 datasets each); in one process they

@@ -45,10 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from drp_foundry.scheduling.reference_losses import pilot_reference_losses  # noqa: E402
-from drp_foundry.scheduling.reference_ratio import temperature_smoothed_ratio  # noqa: E402
+from drp_foundry.fileio import read_jsonl
+from drp_foundry.scheduling.reference_losses import pilot_reference_losses
+from drp_foundry.scheduling.reference_ratio import temperature_smoothed_ratio
 
 DOMAINS = ['arxiv', 'book', 'c4-rp', 'cc', 'github', 'stackexchange', 'wiki']
 POLICIES = ['constant', 'sheared', 'dro', 'drpruning']
@@ -71,14 +70,13 @@ SETTINGS = dict(
 
 def read_docs(corpus: Path, domain: str, max_chars: int) -> list[str]:
     docs, total = [], 0
-    with open(corpus / f'{domain}.jsonl', encoding='utf-8') as handle:
-        for line in handle:
-            text = json.loads(line).get('text', '')
-            if text:
-                docs.append(text[:max_chars - total])
-                total += len(docs[-1])
-            if total >= max_chars:
-                break
+    for _, record in read_jsonl(corpus / f'{domain}.jsonl'):
+        text = record.get('text', '')
+        if text:
+            docs.append(text[:max_chars - total])
+            total += len(docs[-1])
+        if total >= max_chars:
+            break
     return docs
 
 

@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from drp_foundry.fileio import JSONLError, atomic_folder, iter_jsonl, text_field
+
 log = logging.getLogger(__name__)
 
 MANIFEST = 'manifest.json'
@@ -333,21 +335,12 @@ def read_documents(files: list[Path]) -> list[str]:
         line_no = 0
         try:
             with open_text(path) as f:
-                for line_no, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataPrepError(f'{path}:{line_no}: not valid JSON ({err.msg}); every line must '
-                                            'look like {"text": "..."}') from err
-                    if not isinstance(obj, dict) or 'text' not in obj:
-                        raise DataPrepError(f'{path}:{line_no}: JSON object without a "text" field; '
-                                            'every line must look like {"text": "..."}')
-                    if not isinstance(obj['text'], str):
-                        raise DataPrepError(f'{path}:{line_no}: "text" must be a string')
-                    if obj['text']:
-                        docs.append(obj['text'])
+                for line_no, record in iter_jsonl(f, path):
+                    text = text_field(record, path, line_no)
+                    if text:
+                        docs.append(text)
+        except JSONLError as err:
+            raise DataPrepError(str(err)) from None
         except UnicodeDecodeError as err:
             raise DataPrepError(f'{path}:{line_no + 1}: not UTF-8 text ({err.reason} at byte {err.start} of the '
                                 'line); is it a binary file? Re-encode it as UTF-8 JSON lines') from err
@@ -411,14 +404,10 @@ def write_mds_split(samples: np.ndarray, out_dir: Path) -> None:
     """Write ``samples`` as an MDS dataset at ``out_dir`` atomically (temp folder + rename)."""
     from streaming import MDSWriter
 
-    for stale in out_dir.parent.glob(f'.tmp-{out_dir.name}-*'):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.parent / f'.tmp-{out_dir.name}-{os.getpid()}'
-    with MDSWriter(out=str(tmp), columns={'tokens': 'ndarray:int32'}, size_limit=1 << 26) as writer:
-        for row in samples:
-            writer.write({'tokens': row})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir) as tmp:
+        with MDSWriter(out=str(tmp), columns={'tokens': 'ndarray:int32'}, size_limit=1 << 26) as writer:
+            for row in samples:
+                writer.write({'tokens': row})
 
 
 def load_or_train_tokenizer(tokenizer: str | None, train_vocab: int | None, corpus_docs: dict[str, list[str]],
@@ -437,11 +426,8 @@ def load_or_train_tokenizer(tokenizer: str | None, train_vocab: int | None, corp
 
     texts = [doc for docs in corpus_docs.values() for doc in docs]
     tok_dir = out / 'tokenizer'
-    tmp = out / '.tmp-tokenizer'
-    shutil.rmtree(tmp, ignore_errors=True)
-    train_bpe_tokenizer(texts, vocab_size=train_vocab, out_dir=tmp)
-    shutil.rmtree(tok_dir, ignore_errors=True)
-    os.replace(tmp, tok_dir)
+    with atomic_folder(tok_dir) as tmp:
+        train_bpe_tokenizer(texts, vocab_size=train_vocab, out_dir=tmp)
     return AutoTokenizer.from_pretrained(str(tok_dir)), f'trained:{train_vocab}'
 
 

@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
 
+from drp_foundry.fileio import atomic_write_text, replace_folder
+
 log = logging.getLogger(__name__)
 
 __all__ = ['SLIMPAJAMA', 'SLIMPAJAMA_DOMAINS', 'CULTURAX', 'CULTURAX_LANGUAGES', 'EXPORT_MANIFEST', 'DomainCap',
@@ -144,9 +146,8 @@ class _DomainWriter:
 
     def finish(self) -> None:
         self._close_file()
-        shutil.rmtree(self.final, ignore_errors=True)
         self.final.with_name(f'{self.final.name}.jsonl').unlink(missing_ok=True)  # one layout per domain
-        os.replace(self.partial, self.final)
+        replace_folder(self.partial, self.final)
 
     def abort(self) -> None:
         self._close_file()
@@ -220,9 +221,7 @@ def export_records(records: Iterable[Mapping[str, Any]], out: str | os.PathLike,
         manifest['domains'][domain] = {'documents': writer.documents, 'characters': writer.characters,
                                        'reached_cap': reached, 'cap': asdict(caps[domain]), 'source': dict(source)}
         log.info('%s: %d documents, %d characters', domain, writer.documents, writer.characters)
-    tmp = out / f'.tmp-{EXPORT_MANIFEST}'
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
 

@@ -20,7 +20,6 @@ checkpoint (``*.pt``, sharded checkpoint folders) is refused, with or without ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from drp_foundry.fileio import atomic_folder
 from drp_foundry.hf_tied_weights import store_tied_output_embedding
 from drp_foundry.model_card import card_facts, write_model_card
 from drp_foundry.pruning.export import PruningReport, fold_and_slice
@@ -173,23 +173,6 @@ def _load_tokenizer(checkpoint: dict[str, Any], path: Path, tokenizer_dir: Path 
                                                                         tokenizer_save_dir=str(scratch))
 
 
-def _replace_directory(staging: Path, out_dir: Path) -> None:
-    """Move ``staging`` to ``out_dir``; an existing ``out_dir`` is removed only once the move succeeded."""
-    previous = None
-    if out_dir.exists():
-        previous = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.old-', dir=out_dir.parent))
-        previous.rmdir()
-        os.replace(out_dir, previous)
-    try:
-        os.replace(staging, out_dir)
-    except OSError:
-        if previous is not None:
-            os.replace(previous, out_dir)
-        raise
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
-
-
 def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
                       tokenizer_dir: str | os.PathLike | None = None, dtype: str = 'float32',
                       source: str | None = None) -> PruningReport:
@@ -210,9 +193,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
     pruned_model.to(DTYPES[dtype])
     pruned_model.config.torch_dtype = DTYPES[dtype]
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.tmp-', dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as staging:
         tokenizer = _load_tokenizer(checkpoint, checkpoint_path, None if tokenizer_dir is None else Path(tokenizer_dir),
                                     staging / 'tokenizer-scratch')
         pruned_model.save_pretrained(staging, safe_serialization=True)
@@ -225,34 +206,10 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
         write_model_card(staging, card_facts(checkpoint, checkpoint_path, record, record['target'],
                                              record['granularities'], dtype, source=source), name=out_dir.name)
         check_output_dir(out_dir, overwrite, inputs)  # nothing appeared meanwhile
-        _replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='drp-export', description='Export a pruning checkpoint (Composer) to a '
-                                     'dense, smaller Hugging Face model: masks folded in, pruned structures sliced.')
-    parser.add_argument('checkpoint', help='Composer checkpoint: a monolithic .pt file or a sharded checkpoint folder')
-    parser.add_argument('out_dir', help='folder for the exported HF model (must not exist or be empty)')
-    parser.add_argument('--overwrite', action='store_true',
-                        help='replace an earlier export in OUT_DIR (never a folder with checkpoints or the input)')
-    parser.add_argument('--tokenizer', default=None, help='HF tokenizer folder (default: the one in the checkpoint)')
-    parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32', help='dtype of the saved weights')
-    parser.add_argument('--source', default=None, help='the source model (path or hub name) for the model card; '
-                        'the checkpoint does not record it')
-    args = parser.parse_args(argv)
-    try:
-        report = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite,
-                                   tokenizer_dir=args.tokenizer, dtype=args.dtype, source=args.source)
-    except ExportError as error:
-        print(f'drp-export: error: {error}', file=sys.stderr)
-        return 2
-    print(report.summary())
-    print(f'wrote {args.out_dir}')
-    return 0
-
-
 if __name__ == '__main__':
+    from drp_foundry.commands.export import main
+
     sys.exit(main())

@@ -17,6 +17,8 @@ import json
 import os
 from pathlib import Path
 
+from drp_foundry.fileio import atomic_file, atomic_write_text
+
 INPUT_EMBEDDING = 'model.embed_tokens.weight'  # every built-in family; others: their DecoderLayout's paths
 OUTPUT_EMBEDDING = 'lm_head.weight'
 SINGLE_FILE = 'model.safetensors'
@@ -26,9 +28,8 @@ INDEX_FILE = 'model.safetensors.index.json'
 def _write_atomically(path: Path, tensors: dict, metadata: dict | None) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _embedding_keys(model_type: str | None) -> tuple[str, str]:
@@ -84,7 +85,5 @@ def store_tied_output_embedding(model_dir: str | os.PathLike) -> bool:
         index['weight_map'][output_key] = shard.name
         index.setdefault('metadata', {})['total_size'] = (index.get('metadata', {}).get('total_size', 0)
                                                           + tensors[output_key].nbytes)
-        tmp = index_path.with_name(f'.{index_path.name}.tmp-{os.getpid()}')
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + '\n')
-        os.replace(tmp, index_path)
+        atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + '\n')
     return True

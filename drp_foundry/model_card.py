@@ -161,7 +161,7 @@ def render_model_card(facts: dict[str, Any], name: str = 'model') -> str:
         lines += _loss_table(domain_losses)
     else:
         lines.append('Not measured at export. Measure it on your per-domain MDS data with '
-                     '`python -m drp_foundry.eval.domain_loss MODEL_DIR DATA_ROOT`.')
+                     '`drp-domain-loss MODEL_DIR DATA_ROOT --max-seq-len N`.')
     lines += ['', '## Use', '', '```python', 'from transformers import AutoModelForCausalLM, AutoTokenizer',
               'model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)',
               'tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)', '```', '',

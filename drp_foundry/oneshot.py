@@ -18,16 +18,14 @@ model, the tokenizer and ``pruning_report.json``, written atomically (as ``drp-e
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
+from drp_foundry.fileio import JSONLError, atomic_folder, read_jsonl, text_field
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
 from drp_foundry.pruning.expected_size import GRANULARITIES, pruned_granularities, target_keep_counts
 from drp_foundry.pruning.export import PruningReport, fold_and_slice
@@ -82,20 +80,17 @@ def _text_sequences(files: list[Path], tokenizer, seq_len: int, per_domain: int)
     for path in files:
         rows: list[torch.Tensor] = []
         buffer: list[int] = []
-        with open(path) as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                text = json.loads(line).get('text')
-                if not isinstance(text, str):
-                    raise OneShotError(f'--calibration {path}: every line needs a "text" string field')
-                buffer.extend(tokenizer(text)['input_ids'] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id
-                                                              is not None else []))
+        try:
+            for number, record in read_jsonl(path):
+                buffer.extend(tokenizer(text_field(record, path, number))['input_ids']
+                              + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
                 while len(buffer) >= seq_len and len(rows) < per_domain:
                     rows.append(torch.tensor(buffer[:seq_len]))
                     buffer = buffer[seq_len:]
                 if len(rows) >= per_domain:
                     break
+        except JSONLError as err:
+            raise OneShotError(f'--calibration {err}') from None
         out[path.stem] = rows
     return out
 
@@ -171,7 +166,7 @@ def prune_directory(model_dir: str | Path, out_dir: str | Path, target: TargetAr
     """The CLI's work: load, score, slice, write ``out_dir`` atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from drp_foundry.export import ExportError, _replace_directory, check_output_dir
+    from drp_foundry.export import ExportError, check_output_dir
     from drp_foundry.hf_tied_weights import store_tied_output_embedding
     from drp_foundry.model_card import card_facts, write_model_card
 
@@ -191,9 +186,7 @@ def prune_directory(model_dir: str | Path, out_dir: str | Path, target: TargetAr
         raise OneShotError(str(error)) from error
     sequences = calibration_sequences(calibration, num_sequences, seq_len, tokenizer, split)
     pruned, report, _ = oneshot_prune(hf_model, target, sequences, batch_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.tmp-', dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as staging:
         pruned.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         record = {'method': 'one-shot activation importance (drp-prune-oneshot)', 'source': str(model_dir),
@@ -205,36 +198,10 @@ def prune_directory(model_dir: str | Path, out_dir: str | Path, target: TargetAr
         write_model_card(staging, card_facts({}, 'none (one-shot pruning: no training run)', record,
                                              record['target'], list(GRANULARITIES), 'float32', source=str(model_dir)),
                          name=out_dir.name)
-        _replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='drp-prune-oneshot', description=__doc__.split('\n\n')[0])
-    parser.add_argument('model', help='HF directory of the source model')
-    parser.add_argument('out_dir', help='folder for the pruned HF model')
-    parser.add_argument('--target', required=True, help='layers=N,hidden=N,heads=N,kv_heads=N,intermediate=N')
-    parser.add_argument('--calibration', required=True, help='data_prep output folder, or .jsonl text (file/folder)')
-    parser.add_argument('--num-sequences', type=int, default=64, help='calibration sequences (default 64)')
-    parser.add_argument('--seq-len', type=int, default=128, help='tokens per calibration sequence (default 128)')
-    parser.add_argument('--batch-size', type=int, default=8)
-    parser.add_argument('--split', default='train', help='MDS split to calibrate on (default train)')
-    parser.add_argument('--overwrite', action='store_true', help='replace a non-empty OUT_DIR')
-    args = parser.parse_args(argv)
-    try:
-        if args.num_sequences < 1 or args.seq_len < 2:
-            raise OneShotError('--num-sequences must be >= 1 and --seq-len >= 2')
-        report = prune_directory(args.model, args.out_dir, parse_target(args.target), args.calibration,
-                                 args.num_sequences, args.seq_len, args.batch_size, args.split, args.overwrite)
-    except OneShotError as error:
-        print(f'drp-prune-oneshot: error: {error}', file=sys.stderr)
-        return 2
-    print(report.summary())
-    print(f'wrote {args.out_dir}')
-    return 0
-
-
 if __name__ == '__main__':
+    from drp_foundry.commands.oneshot import main
+
     sys.exit(main())

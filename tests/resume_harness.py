@@ -32,7 +32,6 @@ CLOCK_METRICS = ('wall_clock', 'throughput', 'time/train', 'time/val', 'time/tot
 
 
 def build_data(shared_sample: Path, work: Path) -> Path:
-    sys.path.insert(0, str(REPO))
     from data_prep.build_domain_mds import PrepSettings, build_domain_mds
 
     corpus = work / 'corpus'

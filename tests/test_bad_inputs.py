@@ -285,7 +285,7 @@ def _fake_checkpoint(path: Path, masks: bool = False) -> Path:
 def export_case(setup: Callable[[Path], tuple[list[str], Path]]) -> Callable[[Ctx, str], str]:
     """``setup(folder)`` -> (CLI args, a path that must be unchanged afterwards)."""
     def run(c: Ctx, name: str) -> str:
-        from drp_foundry.export import main
+        from drp_foundry.commands.export import main
 
         folder = c.case_dir(name)
         args, keep = setup(folder)
@@ -326,7 +326,7 @@ def domain_loss_case(args: Callable[[Ctx, Path], list[str]]) -> Callable[[Ctx, s
         import contextlib
         import io
 
-        from drp_foundry.eval.domain_loss import main
+        from drp_foundry.commands.domain_loss import main
 
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
@@ -337,7 +337,7 @@ def domain_loss_case(args: Callable[[Ctx, Path], list[str]]) -> Callable[[Ctx, s
 
 def eval_cli_case(args: Callable[[Ctx, Path], list[str]]) -> Callable[[Ctx, str], str]:
     def run(c: Ctx, name: str) -> str:
-        from drp_foundry.eval.cli import main
+        from drp_foundry.commands.eval import main
 
         with pytest.raises(SystemExit) as exc:
             main(args(c, c.case_dir(name)))

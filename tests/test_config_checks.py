@@ -17,6 +17,9 @@ TINY = REPO / 'yamls' / 'demo' / 'tiny_llama.yaml'
 DOMAINS = ['arxiv', 'book', 'c4-rp', 'cc', 'github', 'stackexchange', 'wiki']
 
 
+FAKE_INDEX = '{"version": 2, "shards": [{"samples": 4}]}'  # an MDS index listing one shard of 4 samples
+
+
 def write_fake_data_root(root: Path, tokenizer_dir: Path, max_seq_len: int = 128, domains=DOMAINS,
                          copy_tokenizer: bool = True) -> Path:
     """Fake MDS folders (index.json only), the tokenizer and a data_prep manifest: enough for the checks."""
@@ -30,7 +33,7 @@ def write_fake_data_root(root: Path, tokenizer_dir: Path, max_seq_len: int = 128
     for domain in domains:
         for split in ['train', 'eval']:
             (root / domain / split).mkdir(parents=True)
-            (root / domain / split / 'index.json').write_text('{}')
+            (root / domain / split / 'index.json').write_text(FAKE_INDEX)
     if copy_tokenizer:
         shutil.copytree(tokenizer_dir, root / 'tokenizer')
     manifest = {'fingerprint': 'x', 'settings': {'max_seq_len': max_seq_len}, 'tokenizer': 'trained:512',
@@ -110,7 +113,7 @@ def test_multidomain_loader_checks_keys_proportions_and_folders(prune_data_root)
     import shutil
 
     shutil.rmtree(data_root / 'github' / 'train')
-    with pytest.raises(ConfigError, match=r'domain github.*no MDS dataset at .*github/train'):
+    with pytest.raises(ConfigError, match=r"domain 'github' has no MDS dataset at .*github/train"):
         check_train_config(_prune_cfg(data_root))
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import read_texts, tiny_llama_config
 
-from drp_foundry.eval import cli
+from drp_foundry.commands import eval as cli
 from drp_foundry.eval.continuation_items import (
     LLM_VARIANT,
     OFFLINE_VARIANT,
@@ -157,7 +157,7 @@ def test_build_rejects_bad_input(tmp_path):
         read_domain_documents([tmp_path / 'missing.jsonl'])
     bad = tmp_path / 'wiki.jsonl'
     bad.write_text('{"txt": "no text key"}\n')
-    with pytest.raises(ValueError, match=r'wiki.jsonl:1: "text" is missing'):
+    with pytest.raises(ValueError, match=r'wiki.jsonl:1: JSON object without a "text" field'):
         read_domain_documents([bad])
     one_doc = {'wiki': ['The pump failed in March. Because the pump failed, the field flooded.']}
     assert build_items(one_doc, OtherDocumentWrongWriter(one_doc), per_domain=4) == []  # no other document

@@ -1,20 +1,24 @@
-"""The embedded demo corpus: what its README says it is, readable by data_prep, shipped in the wheel."""
+"""The embedded demo corpus: what its README says it is, readable by data_prep, shipped in the wheel; and the
+demo run from that wheel installed away from any checkout."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import zstandard
 from conftest import copy_tracked_files
 
 from data_prep.build_domain_mds import find_domain_files
-from drp_foundry.demo import DEMO_CORPUS
+from drp_foundry.commands.demo import DEMO_CORPUS
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ['arxiv', 'book', 'c4-rp', 'cc', 'github', 'stackexchange', 'wiki']
@@ -48,12 +52,18 @@ def test_data_prep_finds_the_seven_domains_and_ignores_the_readme_silently(caplo
     assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
-def test_the_wheel_ships_the_corpus_and_the_makefile_defaults_to_it(tmp_path):
+@pytest.fixture(scope='module')
+def wheel(tmp_path_factory) -> Path:
     """Built from the tracked files as a clone has them (untracked files cannot sneak in)."""
+    tmp_path = tmp_path_factory.mktemp('wheel')
     clone = copy_tracked_files(tmp_path / 'clone')
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w',
                     str(tmp_path / 'wheel'), str(clone)], check=True, capture_output=True)
-    (wheel,) = (tmp_path / 'wheel').glob('drp_foundry-*.whl')
+    (built,) = (tmp_path / 'wheel').glob('drp_foundry-*.whl')
+    return built
+
+
+def test_the_wheel_ships_the_corpus_and_the_makefile_defaults_to_it(wheel):
     with zipfile.ZipFile(wheel) as archive:
         shipped = {name: archive.getinfo(name).file_size for name in archive.namelist()
                    if name.startswith('drp_foundry/demo_corpus/')}
@@ -61,3 +71,41 @@ def test_the_wheel_ships_the_corpus_and_the_makefile_defaults_to_it(tmp_path):
                                      + ['drp_foundry/demo_corpus/README.md'])
     assert sum(shipped.values()) < 5_000_000
     assert re.search(r'^CORPUS \?= drp_foundry/demo_corpus$', (REPO / 'Makefile').read_text(), re.M)
+
+
+def test_the_demo_resolves_everything_from_an_installed_wheel(wheel, tmp_path):
+    """Installed with --target into a folder, run from a folder outside the checkout with only that folder on
+    the path: the corpus, the recipes and the stage modules all resolve inside the installed package."""
+    site = tmp_path / 'site'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target', str(site), str(wheel)],
+                   check=True, capture_output=True)
+    elsewhere = tmp_path / 'elsewhere'
+    (elsewhere / 'models').mkdir(parents=True)
+    shutil.copytree(REPO / 'yamls' / 'demo' / 'models' / 'tiny-llama', elsewhere / 'models' / 'smollm2-135m')
+    env = {**os.environ, 'PYTHONPATH': str(site)}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    result = run('-c', 'import drp_foundry, data_prep; print(drp_foundry.__file__, data_prep.__file__)')
+    assert result.stdout.split() == [str(site / 'drp_foundry' / '__init__.py'), str(site / 'data_prep' / '__init__.py')]
+    result = run('-m', 'drp_foundry.demo', '--check', '--work', 'runs/demo')
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    assert str(site / 'drp_foundry' / 'demo_corpus') in lines['corpus'] and '7 domains' in lines['corpus']
+    assert str(elsewhere / 'models' / 'smollm2-135m') in lines['source']  # the default source: under the cwd
+    recipes = [line for line in result.stdout.splitlines() if line.startswith('recipe')]
+    assert [Path(line.split()[1]).name for line in recipes] == ['smollm2_prune.yaml', 'smollm2_continue.yaml']
+    assert all(line.split()[1].startswith(str(site / 'drp_foundry' / 'recipes' / 'demo')) for line in recipes)
+    modules = [line for line in result.stdout.splitlines() if line.startswith('module') and 'drp_foundry' in line]
+    assert len(modules) == 3 and all(str(site) in line for line in modules)
+    assert str(REPO) not in result.stdout
+    assert not (elsewhere / 'runs').exists()  # --check writes nothing
+    # the training entry the stages launch starts from the wheel
+    result = run('-m', 'drp_foundry.train', '--help')
+    assert result.returncode == 0 and 'composer -m drp_foundry.train' in result.stdout
+    # a missing source model is named with the way to make it
+    shutil.rmtree(elsewhere / 'models')
+    result = run('-m', 'drp_foundry.demo', '--check')
+    assert result.returncode != 0 and 'drp_foundry.sources.smollm2 --out models/smollm2-135m' in result.stderr

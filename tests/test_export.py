@@ -231,7 +231,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def test_cli_exports_monolithic_composer_checkpoint(composer_run, tmp_path, tiny_tokenizer):
-    from drp_foundry.export import main
+    from drp_foundry.commands.export import main
 
     out_dir = tmp_path / 'pruned'
     assert main([str(composer_run['checkpoint']), str(out_dir)]) == 0
@@ -324,7 +324,7 @@ def test_failure_after_staging_leaves_nothing_behind(checkpoint_state, tmp_path)
 
 
 def test_non_empty_output_needs_overwrite(composer_run, tmp_path, tiny_tokenizer_dir, capsys):
-    from drp_foundry.export import main
+    from drp_foundry.commands.export import main
 
     out_dir = tmp_path / 'pruned'
     out_dir.mkdir()
@@ -348,7 +348,7 @@ def test_non_empty_output_needs_overwrite(composer_run, tmp_path, tiny_tokenizer
 def test_export_into_the_run_folder_is_refused_and_deletes_nothing(composer_run, tmp_path, overwrite, capsys):
     import shutil
 
-    from drp_foundry.export import main
+    from drp_foundry.commands.export import main
 
     run = tmp_path / 'run'
     shutil.copytree(composer_run['root'] / 'checkpoints', run / 'checkpoints')
@@ -368,7 +368,7 @@ def test_export_into_the_run_folder_is_refused_and_deletes_nothing(composer_run,
 def test_output_holding_the_tokenizer_is_refused(composer_run, tmp_path, tiny_tokenizer_dir, capsys):
     import shutil
 
-    from drp_foundry.export import main
+    from drp_foundry.commands.export import main
 
     out_dir = tmp_path / 'pruned'
     shutil.copytree(tiny_tokenizer_dir, out_dir / 'tok')

@@ -143,7 +143,7 @@ def test_oneshot_cli_keeps_the_planted_units_and_writes_a_loadable_model(tmp_pat
 
     from transformers import AutoTokenizer
 
-    from drp_foundry.oneshot import main
+    from drp_foundry.commands.oneshot import main
 
     model, planted = planted_model()
     model.save_pretrained(tmp_path / 'source')

@@ -75,7 +75,7 @@ def test_export_writes_the_card_with_the_run_facts(pruning_checkpoint, tmp_path)
 
 
 def test_the_demo_table_goes_into_the_card(pruning_checkpoint, tmp_path):
-    from drp_foundry.export import main
+    from drp_foundry.commands.export import main
 
     out = tmp_path / 'pruned'
     assert main([str(pruning_checkpoint['path']), str(out)]) == 0  # the command line, without --source

@@ -345,7 +345,7 @@ def test_builder_refuses_bad_config_before_training(token_root, tiny_tokenizer):
     base = {'data_root': str(token_root), 'domains': ['code', 'prose'], 'proportions': [0.5, 0.5],
             'max_seq_len': 16}
     cases = [
-        (dict(base, shufle_seed=3), r"unknown keys \['shufle_seed'\]"),
+        (dict(base, shufle_seed=3), r"shufle_seed: unknown key for drp_multidomain\. Did you mean 'shuffle_seed'"),
         ({k: v for k, v in base.items() if k != 'proportions'}, 'train_loader.dataset.proportions is required'),
         (dict(base, domains=['code', 'poetry'], proportions=[0.5, 0.5]), "domain 'poetry'.*missing index.json"),
         (dict(base, streams={'poetry': {'local': '/x'}}), r"streams names unknown domains \['poetry'\]"),
@@ -357,19 +357,20 @@ def test_builder_refuses_bad_config_before_training(token_root, tiny_tokenizer):
             build_multidomain_dataloader(tiny_tokenizer, 4, dataset_cfg)
 
 
-def test_domain_eval_loader_configs_build_stock_text_eval_loaders(token_root, tiny_tokenizer):
+def test_domain_eval_loaders_build_stock_text_eval_loaders(token_root, tiny_tokenizer):
     from llmfoundry.utils.builders import build_eval_loaders
 
-    from drp_foundry.composer.multidomain_dataloader import domain_eval_loader_configs
+    from drp_foundry.composer.domain_eval_loaders import DomainEvalsError, domain_eval_loaders
 
-    configs = domain_eval_loader_configs(str(token_root), ['code', 'prose'], max_seq_len=16)
+    entry = {'name': 'drp_domain_evals', 'data_root': str(token_root), 'max_seq_len': 16}
+    configs = domain_eval_loaders({**entry, 'domains': ['code', 'prose']}, {})
     assert [c['label'] for c in configs] == ['code', 'prose']
     evaluators = build_eval_loaders(configs, tiny_tokenizer, 3)
     assert [e.label for e in evaluators] == ['eval/code', 'eval/prose']
     batches = list(evaluators[0].dataloader.dataloader)
     assert sum(b['input_ids'].shape[0] for b in batches) == 6  # the whole eval split, in order
-    with pytest.raises(ValueError, match="eval data for domain 'poetry' not found"):
-        domain_eval_loader_configs(str(token_root), ['poetry'], max_seq_len=16)
+    with pytest.raises(DomainEvalsError, match="no MDS eval split for domain 'poetry'"):
+        domain_eval_loaders({**entry, 'domains': ['poetry']}, {})
 
 
 def test_composer_checkpoint_resume_replays_the_uninterrupted_batches(token_root, tiny_tokenizer, tmp_path,

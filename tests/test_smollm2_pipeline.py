@@ -55,7 +55,7 @@ def test_per_domain_loss_matches_plain_transformers(smollm2_dir, smollm2_mds):
     from streaming import StreamingDataset
     from transformers import AutoModelForCausalLM
 
-    from drp_foundry.eval.domain_loss import evaluate_domains
+    from drp_foundry.composer.domain_eval_losses import evaluate_domains
 
     ours = evaluate_domains(smollm2_dir, smollm2_mds, DOMAINS, max_seq_len=128, batch_size=3)
 

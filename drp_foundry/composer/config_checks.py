@@ -103,29 +103,17 @@ def _check_local_mds(where: str, local: str | None, remote: str | None, split: s
                           '`python -m data_prep.build_domain_mds --corpus ... --out ...` or fix the path')
 
 
-def _check_multidomain(where: str, dataset: dict[str, Any]) -> None:
-    """Keys, proportions and per-domain MDS folders of a ``drp_multidomain`` train loader."""
-    from drp_foundry.composer.multidomain_dataloader import DATASET_KEYS
-    from drp_foundry.data.domain_sampling import validate_proportions
+def _check_multidomain(where: str, loader: dict[str, Any]) -> None:
+    """The ``drp_multidomain`` section: the builder's own validation (same rules, same messages)."""
+    from drp_foundry.data.multidomain_config import validate_multidomain_config
 
-    for key in dataset:
-        if key not in DATASET_KEYS:
-            raise ConfigError(f'{where}.{key}: unknown key for drp_multidomain.{_did_you_mean(key, DATASET_KEYS)} '
-                              f'Accepted keys: {list(DATASET_KEYS)}')
-    domains = dataset.get('domains')
-    if not isinstance(domains, list) or not domains:
-        raise ConfigError(f'{where}.domains: a non-empty list of domain names is required')
     try:
-        validate_proportions(dataset.get('proportions'), domains, key=f'{where}.proportions')
+        validate_multidomain_config(loader.get('dataset'), where=f'{where}.dataset',
+                                    num_workers=loader.get('num_workers', 0),
+                                    prefetch_factor=loader.get('prefetch_factor', 2),
+                                    drop_last=loader.get('drop_last', True))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    streams = dataset.get('streams') or {}
-    for domain in domains:
-        stream = streams.get(domain) or {}
-        local = stream.get('local') or (os.path.join(str(dataset['data_root']), domain)
-                                        if dataset.get('data_root') else None)
-        remote = stream.get('remote') or dataset.get('remote_root')
-        _check_local_mds(f'{where} (domain {domain})', local, remote, stream.get('split', dataset.get('split', 'train')))
 
 
 def _check_loader(where: str, loader: DictConfig) -> None:
@@ -137,8 +125,6 @@ def _check_loader(where: str, loader: DictConfig) -> None:
     kwargs = {k: v for k, v in om.to_container(loader, resolve=True).items() if k not in ('name', 'label')}
     check_kwargs(where, builder, kwargs, supplied_by_caller=('tokenizer', 'device_batch_size'))
     dataset = kwargs.get('dataset')
-    if loader['name'] == 'drp_multidomain' and isinstance(dataset, dict):
-        _check_multidomain(f'{where}.dataset', dataset)
     if loader['name'] == 'text' and isinstance(dataset, dict):
         _check_local_mds(f'{where}.dataset.local', dataset.get('local'), dataset.get('remote'), dataset.get('split'))
         for stream_name, stream in (dataset.get('streams') or {}).items():
@@ -270,7 +256,13 @@ def _check_scheduler_against_data(cfg: DictConfig) -> None:
     if 'reference_ratio' in names and 'reference_ratio' not in kwargs and proportions is not None:
         kwargs['reference_ratio'] = proportions
     try:
-        component(**kwargs)
+        callback = component(**kwargs)
+        policy = getattr(callback, 'policy', None)
+        if proportions is not None and policy is not None:
+            from drp_foundry.composer.dynamic_loading import check_reference_ratio
+            from drp_foundry.data.domain_sampling import validate_proportions
+
+            check_reference_ratio(policy.p_ref_initial, validate_proportions(proportions, domains))
     except (ValueError, TypeError, KeyError) as err:
         message = str(err)
         raise ConfigError(message if message.startswith('drp_dynamic_loading') else
@@ -402,6 +394,10 @@ def check_train_config(cfg: DictConfig) -> None:
     from llmfoundry import registry
     from llmfoundry.utils.config_utils import TrainConfig
 
+    train_loader = cfg.get('train_loader')
+    if isinstance(train_loader, DictConfig) and train_loader.get('name') == 'drp_multidomain':
+        # first: the drp_domain_evals transform below reads its domains
+        _check_multidomain('train_loader', om.to_container(train_loader, resolve=True))
     cfg = _expand_domain_evals(cfg)
     top_level = {f.name for f in fields(TrainConfig)}
     for key in cfg:

@@ -24,7 +24,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import create_interval_scheduler
 
-from drp_foundry.composer.hf_model import unwrap_hf_model
+from drp_foundry.composer.hf_model import unwrap_hf_model_and_tokenizer
 from drp_foundry.eval.continuation_scorer import (
     NORMALIZATIONS,
     ContinuationItem,
@@ -34,12 +34,6 @@ from drp_foundry.eval.continuation_scorer import (
 )
 
 METRIC_PREFIX = 'metrics/continuation'
-
-
-def unwrap_hf_model_and_tokenizer(composer_model):
-    """The Hugging Face model and tokenizer inside a (possibly DDP-wrapped) Composer HF model."""
-    wrapper = getattr(composer_model, 'module', composer_model)  # DistributedDataParallel
-    return unwrap_hf_model(composer_model), getattr(wrapper, 'tokenizer', None)
 
 
 def continuation_metrics(report: ContinuationReport) -> dict[str, float]:
@@ -75,7 +69,7 @@ class ContinuationEval(Callback):
     """Score the continuation benchmark at ``interval`` and log per-domain accuracy.
 
     Args:
-        items_path: items JSONL from ``python -m drp_foundry.eval.cli build``.
+        items_path: items JSONL from ``drp-eval build``.
         interval: ``'eval'`` (after all eval loaders, ``Event.EVAL_AFTER_ALL``), an int N
             (every N batches) or a Composer time string such as ``'200ba'``.
         batch_size: sequences per forward pass.
@@ -95,7 +89,7 @@ class ContinuationEval(Callback):
                              f'got {max_items_per_domain}')
         if not Path(items_path).is_file():
             raise FileNotFoundError(f'drp_continuation_eval.items_path={items_path} does not exist; build it with '
-                                    '`python -m drp_foundry.eval.cli build ...`')
+                                    '`drp-eval build ...`')
         self.items = _limit_per_domain(read_items(items_path), max_items_per_domain)
         self.batch_size = batch_size
         self.normalization = normalization

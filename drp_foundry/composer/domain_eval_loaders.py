@@ -39,6 +39,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from drp_foundry.data.multidomain_config import check_domain_names
+
 NAME = 'drp_domain_evals'
 # Keys the entry itself takes; every other key is copied into each generated loader.
 ENTRY_KEYS = ('name', 'data_root', 'remote_root', 'domains', 'split', 'max_seq_len', 'dataset')
@@ -73,10 +75,11 @@ def domain_eval_loaders(entry: dict[str, Any], cfg: dict[str, Any], where: str =
     source = '' if train else ' (the train loader is not drp_multidomain, so there is no default)'
     if not data_root:
         raise DomainEvalsError(f'{where}.data_root: required{source}; the folder holding <domain>/{split}/')
-    if not isinstance(domains, list) or not domains or not all(isinstance(d, str) and d for d in domains):
-        raise DomainEvalsError(f'{where}.domains: a non-empty list of domain names is required{source}')
-    if len(set(domains)) != len(domains):
-        raise DomainEvalsError(f'{where}.domains: {domains} names a domain twice')
+    try:  # the train loader's own rule (and message) when the domains come from it
+        domains = check_domain_names(domains, f'{where}.domains' if 'domains' in entry or not train
+                                     else 'train_loader.dataset.domains')
+    except ValueError as err:
+        raise DomainEvalsError(f'{err}{source}') from None
     if not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise DomainEvalsError(f'{where}.max_seq_len: a positive integer is required{source}, got {max_seq_len!r}')
     extra_dataset = entry.get('dataset') or {}

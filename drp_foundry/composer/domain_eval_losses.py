@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 from composer.core import State
+
+from drp_foundry.composer.domain_eval_loaders import domain_eval_loaders
 
 DEFAULT_LOSS_METRIC = 'LanguageCrossEntropy'
 EVAL_LABEL_PREFIX = 'eval/'  # LLM-Foundry names the evaluator of `label: wiki` "eval/wiki"
@@ -56,3 +59,40 @@ def summarize_losses(losses: dict[str, float]) -> dict[str, float | str]:
     values = list(finite.values())
     return {'mean': sum(values) / len(values), 'worst_domain': worst, 'worst': finite[worst],
             'spread': max(values) - min(values)}
+
+
+def evaluate_domains(model_dir: str | Path, data_root: str | Path, domains: Sequence[str] | None = None, *,
+                     max_seq_len: int, split: str = 'eval', batch_size: int = 4,
+                     max_batches: int | None = None) -> dict[str, float]:
+    """Per-domain eval loss of ``model_dir``; ``max_batches`` caps the batches per domain.
+
+    Tokens per domain = (number of eval samples, capped at ``max_batches * batch_size``) x
+    ``max_seq_len``.
+    """
+    import torch
+    from composer import Trainer
+    from composer.core import Evaluator
+    from llmfoundry.data.dataloader import build_dataloader
+    from llmfoundry.utils.builders import build_composer_model, build_tokenizer
+
+    from drp_foundry.eval.domain_loss import domains_in
+
+    domains = list(domains) if domains is not None else domains_in(data_root, split)
+    tokenizer = build_tokenizer(str(model_dir), {'model_max_length': max_seq_len})
+    model = build_composer_model(name='hf_causal_lm', tokenizer=tokenizer,
+                                 cfg={'pretrained_model_name_or_path': str(model_dir), 'pretrained': True,
+                                      'trust_remote_code': False, 'use_auth_token': False})
+    evaluators = []
+    entry = {'name': 'drp_domain_evals', 'data_root': str(data_root), 'domains': domains, 'split': split,
+             'max_seq_len': int(max_seq_len)}
+    for cfg in domain_eval_loaders(entry, {}, where='evaluate_domains'):
+        label = cfg.pop('label')
+        spec = build_dataloader(cfg, tokenizer, batch_size)
+        evaluators.append(Evaluator(label=f'eval/{label}', dataloader=spec, metric_names=['LanguageCrossEntropy'],
+                                    subset_num_batches=max_batches or -1))
+    trainer = Trainer(model=model, eval_dataloader=evaluators, device='gpu' if torch.cuda.is_available() else 'cpu',
+                      progress_bar=False, log_to_console=False, loggers=[])
+    trainer.eval()
+    losses = read_domain_eval_losses(trainer.state, domains)
+    trainer.close()
+    return losses

@@ -35,13 +35,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from composer.core import Callback, State, TimeUnit
+from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 from omegaconf import DictConfig, OmegaConf
 
 from drp_foundry.composer.domain_eval_losses import read_domain_eval_losses
 from drp_foundry.composer.hf_model import unwrap_hf_model
+from drp_foundry.composer.run_length import max_duration_in_batches
+from drp_foundry.mixtures import per_domain
 from drp_foundry.pruning.architecture import DecoderArchitecture
 from drp_foundry.pruning.hf_injection import get_mask_module
 from drp_foundry.scheduling.policies import MixturePolicy
@@ -79,18 +81,6 @@ def read_eval_losses(state: State, domain_names: Sequence[str], metric_name: str
     return np.array([losses[d] for d in domain_names], dtype=np.float64)
 
 
-def _total_steps(state: State) -> int:
-    max_duration = state.max_duration
-    if max_duration is None:
-        raise ValueError('drp_dynamic_loading needs `max_duration` (in batches, e.g. 3200ba) to time its updates')
-    if max_duration.unit == TimeUnit.BATCH:
-        return int(max_duration.value)
-    if max_duration.unit == TimeUnit.EPOCH and state.dataloader_len is not None:
-        return int(max_duration.value) * int(state.dataloader_len)
-    raise ValueError(f'drp_dynamic_loading times its updates in batches; set `max_duration` in batches '
-                     f'(e.g. 3200ba) instead of {max_duration}')
-
-
 def _model_size(model: torch.nn.Module) -> int:
     """Parameter count from the HF config when it is a supported decoder (right under FSDP, where
     each rank holds a shard); otherwise the local parameter count."""
@@ -123,6 +113,15 @@ def apply_dynamic_loading(policy: MixturePolicy, dataset: Any, step: int, eval_l
     if result['diagnostics']['updated']:
         dataset.set_proportions(q, at_batch=step)
     return q, result['diagnostics']
+
+
+def check_reference_ratio(reference_ratio: Sequence[float], dataset_proportions: Sequence[float]) -> None:
+    """The policy's p_R0 must be the mixture the dataset starts with (the pre-flight check calls this too)."""
+    reference, dataset = np.asarray(reference_ratio, dtype=np.float64), np.asarray(dataset_proportions, dtype=np.float64)
+    if reference.shape != dataset.shape or not np.allclose(dataset, reference, atol=1e-6):
+        raise ValueError(f'drp_dynamic_loading.reference_ratio {reference.tolist()} differs from the train dataset\'s '
+                         f'initial proportions {dataset.tolist()}; give both the same values (or omit '
+                         'reference_ratio to use the dataset\'s)')
 
 
 class DynamicLoading(Callback):
@@ -192,25 +191,11 @@ class DynamicLoading(Callback):
             self.policy = self._build_policy(self.domain_names)  # fail on bad values now, not at the first eval
 
     # -- setup and validation -------------------------------------------------------------
-    def _ordered(self, values: Sequence[float] | Mapping[str, float], domain_names: list[str], key: str) -> list:
-        if isinstance(values, Mapping):
-            missing = [d for d in domain_names if d not in values]
-            extra = [d for d in values if d not in domain_names]
-            if missing or extra:
-                raise ValueError(f'drp_dynamic_loading.{key}: domains {sorted(values)} do not match the dataset '
-                                 f'domains {domain_names} (missing {missing}, unknown {extra})')
-            return [float(values[d]) for d in domain_names]
-        values = [float(v) for v in values]
-        if len(values) != len(domain_names):
-            raise ValueError(f'drp_dynamic_loading.{key}: {len(values)} values for {len(domain_names)} domains '
-                             f'{domain_names}; give one per domain (dataset order) or a {{domain: value}} mapping')
-        return values
-
     def _build_policy(self, domain_names: list[str], default_ratio: Sequence[float] | None = None) -> MixturePolicy:
         if self.reference_ratio is None:
             ratio = default_ratio
         else:
-            ratio = self._ordered(self.reference_ratio, domain_names, 'reference_ratio')
+            ratio = per_domain(self.reference_ratio, domain_names, 'drp_dynamic_loading.reference_ratio')
         return build_policy(self.policy_config, domain_names, ratio, where='drp_dynamic_loading.policy')
 
     def _setup(self, state: State) -> None:
@@ -233,12 +218,9 @@ class DynamicLoading(Callback):
         if self._pending_state is not None:
             self.policy.load_state_dict(self._pending_state)
             self._pending_state = None
-        if self.policy.num_updates == 0 and state.timestamp.batch.value == 0 and not np.allclose(
-                dataset_ratio, self.policy.p_ref_initial, atol=1e-6):
-            raise ValueError(f'drp_dynamic_loading.reference_ratio {self.policy.p_ref_initial.tolist()} differs from '
-                             f'the train dataset\'s initial proportions {dataset_ratio.tolist()}; give both the same '
-                             'values (or omit reference_ratio to use the dataset\'s)')
-        self.policy.total_steps = _total_steps(state)
+        if self.policy.num_updates == 0 and state.timestamp.batch.value == 0:
+            check_reference_ratio(self.policy.p_ref_initial, dataset_ratio)
+        self.policy.total_steps = max_duration_in_batches(state, 'drp_dynamic_loading')
         if getattr(self.policy, 'target_params', 0) is None:
             masks = get_mask_module(unwrap_hf_model(state.model))
             if masks is not None and hasattr(masks, 'target_num_parameters'):

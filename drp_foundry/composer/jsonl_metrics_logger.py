@@ -25,6 +25,8 @@ from composer.core import State
 from composer.loggers import LoggerDestination
 from composer.utils import dist
 
+from drp_foundry.fileio import read_jsonl
+
 log = logging.getLogger(__name__)
 
 
@@ -138,10 +140,8 @@ class JSONLMetricsLogger(LoggerDestination):
 def read_metrics(path: str | Path) -> dict[str, list[tuple[int, Any]]]:
     """Metric name -> sorted ``(step, value)`` pairs; a step logged twice keeps its last value."""
     series: dict[str, dict[int, Any]] = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            step = record.pop('step')
-            for name, value in record.items():
-                series.setdefault(name, {})[step] = value
+    for _, record in read_jsonl(path):
+        step = record.pop('step')
+        for name, value in record.items():
+            series.setdefault(name, {})[step] = value
     return {name: sorted(points.items()) for name, points in series.items()}

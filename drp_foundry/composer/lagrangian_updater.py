@@ -29,6 +29,7 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 
 from drp_foundry.composer.mask_learner import find_mask_module
+from drp_foundry.composer.run_length import max_duration_in_batches
 from drp_foundry.pruning.lagrangian import lagrangian_terms, ramped_target
 from drp_foundry.pruning.mask_module import L0MaskModule
 
@@ -96,16 +97,8 @@ class LagrangianUpdater(Algorithm):
         """``warmup_steps``, or ``warmup_fraction`` of ``max_duration`` in batches."""
         if self.warmup_steps is not None:
             return self.warmup_steps
-        max_duration = state.max_duration
-        if max_duration is None:
-            raise ValueError('drp_lagrangian needs max_duration (or an explicit warmup_steps) to place the target ramp')
-        if max_duration.unit == TimeUnit.BATCH:
-            total = max_duration.value
-        elif max_duration.unit == TimeUnit.EPOCH and state.dataloader_len is not None:
-            total = max_duration.value * int(state.dataloader_len)
-        else:
-            raise ValueError(f'drp_lagrangian cannot turn max_duration={max_duration} into batches; set '
-                             f"drp_lagrangian.warmup_steps (e.g. '640ba') or use a max_duration in 'ba'")
+        total = max_duration_in_batches(state, 'drp_lagrangian', alternative=" or set drp_lagrangian.warmup_steps "
+                                        "(e.g. '640ba') to place the target ramp")
         return int(round(self.warmup_fraction * total))
 
     def match(self, event: Event, state: State) -> bool:

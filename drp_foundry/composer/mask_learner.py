@@ -71,7 +71,7 @@ GROUP_KEY = 'drp_group'  # marks our param groups: 'masks' or 'lambdas'
 
 def find_hf_model(model: torch.nn.Module) -> PreTrainedModel:
     """The HF ``*ForCausalLM`` itself, or the one inside a Composer HF wrapper (``.model``)."""
-    inner = model if isinstance(model, PreTrainedModel) else unwrap_hf_model(model)
+    inner = unwrap_hf_model(model)
     if isinstance(inner, PreTrainedModel):
         return inner
     raise TypeError(f'{type(model).__name__} is neither a HF PreTrainedModel nor a Composer HF wrapper with one as '

@@ -29,18 +29,19 @@ token counts) plus ``domain_idx`` (LongTensor[B], index into ``domains``); Compo
 harmless. The dataset (``dataloader.dataset``) is the scheduler's handle: ``domain_names``,
 ``proportions``, ``set_proportions(p, at_batch)``, ``samples_per_domain(at_batch)``.
 
-Proportions that do not sum to 1 (beyond 1e-3) are refused, not normalised.
+The section is checked by ``data/multidomain_config.validate_multidomain_config`` (the same
+function the pre-flight check calls): proportions that do not sum to 1 (beyond 1e-3) or give a
+domain no share are refused, not normalised.
 The stream is infinite (a domain that runs out starts a reshuffled pass), so give
 ``max_duration`` in batches or tokens, not epochs. ``drop_last`` must stay true.
 
-Eval: ``domain_eval_loader_configs(data_root, domains, max_seq_len)`` expands to one stock
+Eval: the ``drp_domain_evals`` eval-loader entry (``domain_eval_loaders.py``) stands for one stock
 ``text`` eval loader per domain with ``label: <domain>``, so Composer logs
-``metrics/eval/<domain>/LanguageCrossEntropy``; put the list under ``eval_loaders``.
+``metrics/eval/<domain>/LanguageCrossEntropy``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,19 +53,10 @@ from streaming import Stream
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from drp_foundry.data.multidomain_config import DATASET_KEYS, validate_multidomain_config
 from drp_foundry.data.multidomain_dataset import MultiDomainStreamingDataset
 
-__all__ = ['build_multidomain_dataloader', 'domain_eval_loader_configs', 'DomainTaggedCollator',
-           'DATASET_KEYS']
-
-_STREAMING_KEYS = ('download_retry', 'download_timeout', 'validate_hash', 'keep_zip', 'cache_limit')
-DATASET_KEYS = ('domains', 'proportions', 'max_seq_len', 'data_root', 'split', 'remote_root', 'streams',
-                'shuffle_seed', 'update_lag_batches', 'token_encoding_type', 'eos_token_id',
-                'bos_token_id', 'max_mixture_segments', 'shuffle_algo', 'shuffle_block_shards',
-                'prefetch',
-                'require_manifest',  # read by the pre-flight check only (config_checks): false accepts non-data_prep shards
-                ) + _STREAMING_KEYS
-_STREAM_KEYS = ('local', 'remote', 'split')
+__all__ = ['build_multidomain_dataloader', 'DomainTaggedCollator', 'DATASET_KEYS']
 
 
 class DomainTaggedCollator:
@@ -79,32 +71,6 @@ class DomainTaggedCollator:
         return batch
 
 
-def _domain_streams(dataset: Mapping[str, Any], domains: list[str]) -> list[Stream]:
-    overrides = dict(dataset.get('streams') or {})
-    unknown = sorted(set(overrides) - set(domains))
-    if unknown:
-        raise ValueError(f'train_loader.dataset.streams names unknown domains {unknown}; '
-                         f'the domains are {domains}.')
-    data_root, remote_root = dataset.get('data_root'), dataset.get('remote_root')
-    split = dataset.get('split', 'train')
-    streams = []
-    for domain in domains:
-        stream_cfg = dict(overrides.get(domain) or {})
-        bad = sorted(set(stream_cfg) - set(_STREAM_KEYS))
-        if bad:
-            raise ValueError(f'train_loader.dataset.streams.{domain}: unknown keys {bad}; allowed {_STREAM_KEYS}.')
-        if 'local' not in stream_cfg:
-            if data_root is None:
-                raise ValueError(f'domain {domain!r} has no location: set train_loader.dataset.data_root '
-                                 f'or train_loader.dataset.streams.{domain}.local.')
-            stream_cfg['local'] = os.path.join(str(data_root), domain)
-            if remote_root is not None and 'remote' not in stream_cfg:
-                stream_cfg['remote'] = os.path.join(str(remote_root), domain)
-        stream_cfg.setdefault('split', split)
-        streams.append(Stream(**stream_cfg))
-    return streams
-
-
 def build_multidomain_dataloader(tokenizer: PreTrainedTokenizerBase | None,
                                  device_batch_size: int | float,
                                  dataset: dict[str, Any],
@@ -117,41 +83,28 @@ def build_multidomain_dataloader(tokenizer: PreTrainedTokenizerBase | None,
     """Build the ``drp_multidomain`` train loader (registered in ``llmfoundry_dataloaders``)."""
     if tokenizer is None:
         raise ValueError('drp_multidomain needs the tokenizer (LLM-Foundry passes it from the `tokenizer` section).')
-    if int(device_batch_size) != device_batch_size:
-        raise ValueError(f'drp_multidomain needs an integer device batch size, got {device_batch_size}.')
+    settings = validate_multidomain_config(dataset, device_batch_size=device_batch_size, num_workers=num_workers,
+                                           prefetch_factor=prefetch_factor, drop_last=drop_last)
     dataset = dict(dataset)
-    unknown = sorted(set(dataset) - set(DATASET_KEYS))
-    if unknown:
-        raise ValueError(f'train_loader.dataset: unknown keys {unknown}; allowed keys are {list(DATASET_KEYS)}.')
-    for key in ('domains', 'proportions', 'max_seq_len'):
-        if dataset.get(key) is None:
-            raise ValueError(f'train_loader.dataset.{key} is required.')
-    domains = dataset['domains']
-    if isinstance(domains, str) or not isinstance(domains, Sequence):
-        raise ValueError(f'train_loader.dataset.domains must be a list of domain names, got {domains!r}.')
-    domains = [str(name) for name in domains]
-    if not drop_last:
-        raise ValueError('train_loader.drop_last must be true: a global batch is a fixed block of samples.')
-
     multidomain = MultiDomainStreamingDataset(
-        domain_names=domains,
-        streams=_domain_streams(dataset, domains),
-        proportions=dataset['proportions'],
-        max_seq_len=int(dataset['max_seq_len']),
+        domain_names=settings.domains,
+        streams=[Stream(**stream) for stream in settings.streams],
+        proportions=settings.proportions,
+        max_seq_len=settings.max_seq_len,
         device_batch_size=int(device_batch_size),
-        shuffle_seed=int(dataset.get('shuffle_seed', 17)),
+        shuffle_seed=settings.shuffle_seed,
         num_workers=num_workers,
         prefetch_factor=prefetch_factor,
-        update_lag_batches=dataset.get('update_lag_batches', 'auto'),
-        token_encoding_type=dataset.get('token_encoding_type', 'int64'),
-        max_mixture_segments=int(dataset.get('max_mixture_segments', 4096)),
-        streaming_kwargs={key: dataset[key] for key in _STREAMING_KEYS if key in dataset},
-        shuffle_algo=str(dataset.get('shuffle_algo', 'auto')),
-        shuffle_block_shards=int(dataset.get('shuffle_block_shards', 8)),
-        prefetch=bool(dataset.get('prefetch', True)),
+        update_lag_batches=settings.update_lag_batches,
+        token_encoding_type=settings.token_encoding_type,
+        max_mixture_segments=settings.max_mixture_segments,
+        streaming_kwargs=settings.streaming_kwargs,
+        shuffle_algo=settings.shuffle_algo,
+        shuffle_block_shards=settings.shuffle_block_shards,
+        prefetch=settings.prefetch,
     )
 
-    collator_dataset_cfg = {key: dataset[key] for key in ('eos_token_id', 'bos_token_id') if key in dataset}
+    collator_dataset_cfg = dict(settings.collator_kwargs)
     token_collator, _ = construct_from_registry(
         name='text_collator',
         registry=registry.collators,
@@ -177,41 +130,3 @@ def build_multidomain_dataloader(tokenizer: PreTrainedTokenizerBase | None,
         partial_function=False,
         kwargs={'dl': loader, 'dataset_cfg': dataset},
     )
-
-
-def domain_eval_loader_configs(data_root: str,
-                               domains: Sequence[str],
-                               max_seq_len: int,
-                               split: str = 'eval',
-                               remote_root: str | None = None,
-                               num_workers: int = 0,
-                               eos_token_id: int | None = None) -> list[dict[str, Any]]:
-    """One LLM-Foundry ``text`` eval loader config per domain, labelled with the domain name.
-
-    ``DATA_ROOT/<domain>/<split>/`` is read in order (no shuffle, no dropped tail). Use the
-    list as ``eval_loaders`` in the train YAML (or pass it to ``build_eval_loaders``).
-    """
-    configs = []
-    for domain in domains:
-        local = os.path.join(str(data_root), domain)
-        if remote_root is None and not os.path.isfile(os.path.join(local, split, 'index.json')):
-            raise ValueError(f'eval data for domain {domain!r} not found at {os.path.join(local, split)}; '
-                             f'run data_prep for it or fix data_root / split.')
-        dataset_cfg: dict[str, Any] = {'local': local, 'split': split, 'shuffle': False,
-                                       'max_seq_len': int(max_seq_len)}
-        if remote_root is not None:
-            dataset_cfg['remote'] = os.path.join(str(remote_root), domain)
-        if eos_token_id is not None:
-            dataset_cfg['eos_token_id'] = int(eos_token_id)
-        multiprocess = num_workers > 0
-        configs.append({
-            'name': 'text',
-            'label': domain,
-            'dataset': dataset_cfg,
-            'drop_last': False,
-            'num_workers': num_workers,
-            # torch refuses prefetch_factor / persistent_workers without worker processes.
-            'prefetch_factor': 2 if multiprocess else None,
-            'persistent_workers': multiprocess,
-        })
-    return configs

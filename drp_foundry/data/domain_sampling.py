@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from drp_foundry.mixtures import domain_mixture
+
 __all__ = [
     'splitmix64',
     'uniform_draws',
@@ -49,7 +51,6 @@ _GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_2 = np.uint64(0x94D049BB133111EB)
 _FEISTEL_ROUNDS = 4
-_PROPORTION_SUM_TOLERANCE = 1e-3
 _DEFAULT_CHUNK = 1 << 20
 _SHARD_ORDER_SALT = 0x5A4D
 _BLOCK_ORDER_SALT = 0xB10C
@@ -266,39 +267,14 @@ class ShardBlockOrder:
 
 
 def validate_proportions(proportions: Sequence[float] | Mapping[str, float] | np.ndarray,
-                         domain_names: Sequence[str], key: str = 'proportions') -> np.ndarray:
+                         domain_names: Sequence[str], key: str = 'proportions', positive: bool = False) -> np.ndarray:
     """Check a mixture and return it as a float64 array in ``domain_names`` order.
 
     Accepted: a sequence in domain order, or a mapping ``{domain: proportion}`` naming every
     domain exactly once. Refused (ValueError naming ``key``): wrong length, unknown or missing
-    domain names, non-finite or negative entries, all zeros, a sum further than 1e-3 from 1
-    (we refuse rather than normalise silently, so a typo cannot reweight the mixture).
-    A sum within 1e-3 of 1 is renormalised exactly (rounding from the scheduler).
+    domain names, non-finite or negative entries (zeros too with ``positive``), all zeros, a sum
+    further than 1e-3 from 1 (we refuse rather than normalise silently, so a typo cannot
+    reweight the mixture). A sum within 1e-3 of 1 is renormalised exactly (rounding from the
+    scheduler). The checks are ``drp_foundry.mixtures.domain_mixture``.
     """
-    names = list(domain_names)
-    if isinstance(proportions, Mapping):
-        unknown = sorted(set(proportions) - set(names))
-        missing = [name for name in names if name not in proportions]
-        if unknown or missing:
-            raise ValueError(
-                f'{key}: the mapping must name exactly the domains {names}; '
-                f'unknown: {unknown}, missing: {missing}. Fix the domain names in `{key}`.')
-        values = np.array([float(proportions[name]) for name in names], dtype=np.float64)
-    else:
-        values = np.asarray(proportions, dtype=np.float64).reshape(-1)
-        if values.size != len(names):
-            raise ValueError(
-                f'{key}: got {values.size} proportions for {len(names)} domains {names}; '
-                f'give one proportion per domain, in the same order.')
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f'{key}: proportions must be finite numbers, got {values.tolist()}.')
-    if np.any(values < 0):
-        raise ValueError(f'{key}: proportions must be >= 0, got {values.tolist()}.')
-    total = float(values.sum())
-    if total <= 0:
-        raise ValueError(f'{key}: proportions are all zero; at least one domain needs a positive share.')
-    if abs(total - 1.0) > _PROPORTION_SUM_TOLERANCE:
-        raise ValueError(
-            f'{key}: proportions sum to {total:.6g}, not 1. Give a mixture on the simplex, '
-            f'e.g. the normalised {np.round(values / total, 6).tolist()}.')
-    return values / total
+    return domain_mixture(proportions, domain_names, key, positive=positive)

@@ -41,7 +41,6 @@ there, and the mixture segments from there on (including changes not yet in effe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -64,19 +63,26 @@ from drp_foundry.data.domain_sampling import (
     draw_domains,
     validate_proportions,
 )
+from drp_foundry.data.multidomain_config import (
+    SHUFFLE_ALGOS,
+    TOKEN_ENCODING_TYPES,
+    check_choice,
+    check_domain_names,
+    check_int,
+    check_update_lag,
+    indexed_samples,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ['MultiDomainStreamingDataset', 'TOKEN_ENCODING_TYPES', 'STATE_VERSION', 'SHUFFLE_ALGOS',
            'release_inherited_clients']
 
-SHUFFLE_ALGOS = ('auto', 'full', 'shard_block')
 # Blocks of one domain a reader needs at once: the one lagging workers still read, the one the
 # frontier is in, and the next (prefetched). Sizes the cache_limit check.
 _WINDOW_BLOCKS = 3
 
 STATE_VERSION = 1
-TOKEN_ENCODING_TYPES = ('int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32', 'uint64')
 
 
 def _world_from_environment() -> tuple[int, int]:
@@ -88,17 +94,13 @@ def _world_from_environment() -> tuple[int, int]:
 def _count_indexed_samples(stream: Stream, domain: str) -> int | None:
     """Samples listed in a local ``index.json``; None when the index will come from the remote."""
     folder = os.path.join(stream.local, stream.split or '')
-    index_path = os.path.join(folder, 'index.json')
-    if not os.path.isfile(index_path):
-        if stream.remote is None:
-            raise ValueError(
-                f'domain {domain!r}: no MDS dataset at {folder} (missing index.json) and no remote '
-                f'given. Point its `local` (or `data_root`/`split`) at a folder written by data_prep '
-                f'or by LLM-Foundry convert_dataset_hf, or give a `remote`.')
-        return None
-    with open(index_path) as f:
-        index = json.load(f)
-    return int(sum(shard.get('samples', 0) for shard in index.get('shards', [])))
+    count = indexed_samples(folder)
+    if count is None and stream.remote is None:
+        raise ValueError(
+            f'domain {domain!r}: no MDS dataset at {folder} (missing index.json) and no remote '
+            f'given. Point its `local` (or `data_root`/`split`) at a folder written by data_prep '
+            f'or by LLM-Foundry convert_dataset_hf, or give a `remote`.')
+    return count
 
 
 class _SharedMixtureTable:
@@ -253,38 +255,18 @@ class MultiDomainStreamingDataset(IterableDataset):
                  shuffle_block_shards: int = 8,
                  prefetch: bool = True):
         super().__init__()
-        self.domain_names = [str(name) for name in domain_names]
-        if not self.domain_names:
-            raise ValueError('domains: give at least one domain name.')
-        if len(set(self.domain_names)) != len(self.domain_names):
-            raise ValueError(f'domains: names must be unique, got {self.domain_names}.')
+        self.domain_names = check_domain_names(domain_names, 'domains')
         if len(streams) != len(self.domain_names):
             raise ValueError(f'streams: got {len(streams)} streams for {len(self.domain_names)} domains.')
         initial = validate_proportions(proportions, self.domain_names, key='proportions')
-        if int(max_seq_len) <= 0:
-            raise ValueError(f'max_seq_len must be a positive integer, got {max_seq_len}.')
-        if int(device_batch_size) != device_batch_size or int(device_batch_size) <= 0:
-            raise ValueError(f'device_batch_size must be a positive integer, got {device_batch_size}.')
-        if token_encoding_type not in TOKEN_ENCODING_TYPES:
-            raise ValueError(f'token_encoding_type must be one of {TOKEN_ENCODING_TYPES}, got {token_encoding_type!r}.')
-        if num_workers < 0:
-            raise ValueError(f'num_workers must be >= 0, got {num_workers}.')
-        self.max_seq_len = int(max_seq_len)
-        self.device_batch_size = int(device_batch_size)
+        self.max_seq_len = check_int(max_seq_len, 'max_seq_len', minimum=1)
+        self.device_batch_size = check_int(device_batch_size, 'device_batch_size', minimum=1)
+        self.token_encoding_type = check_choice(token_encoding_type, 'token_encoding_type', TOKEN_ENCODING_TYPES)
+        self.num_workers = check_int(num_workers, 'num_workers', minimum=0)
         self.shuffle_seed = int(shuffle_seed)
-        self.num_workers = int(num_workers)
         self.prefetch_factor = int(prefetch_factor or 2) if self.num_workers > 0 else 0
-        self.token_encoding_type = token_encoding_type
-
-        lag_bound = self.num_workers * self.prefetch_factor
-        if update_lag_batches is None or update_lag_batches == 'auto':
-            self.update_lag_batches = lag_bound
-        else:
-            if int(update_lag_batches) != update_lag_batches or int(update_lag_batches) < lag_bound:
-                raise ValueError(
-                    f'update_lag_batches={update_lag_batches} is below the batches that can be in flight '
-                    f'(num_workers * prefetch_factor = {lag_bound}); set it to "auto" or an integer >= {lag_bound}.')
-            self.update_lag_batches = int(update_lag_batches)
+        lag = check_update_lag(update_lag_batches, 'update_lag_batches', self.num_workers, prefetch_factor)
+        self.update_lag_batches = self.num_workers * self.prefetch_factor if lag == 'auto' else int(lag)
 
         default_rank, default_world = _world_from_environment()
         self.rank = default_rank if rank is None else int(rank)
@@ -320,10 +302,8 @@ class MultiDomainStreamingDataset(IterableDataset):
         self._table.write_resume(self._origin_index, self._origin_counts)
 
     def _setup_shuffle(self, shuffle_algo: str, block_shards: int, prefetch: bool) -> None:
-        if shuffle_algo not in SHUFFLE_ALGOS:
-            raise ValueError(f'shuffle_algo must be one of {SHUFFLE_ALGOS}, got {shuffle_algo!r}.')
-        if int(block_shards) != block_shards or int(block_shards) < 1:
-            raise ValueError(f'shuffle_block_shards must be an integer >= 1, got {block_shards!r}.')
+        shuffle_algo = check_choice(shuffle_algo, 'shuffle_algo', SHUFFLE_ALGOS)
+        block_shards = check_int(block_shards, 'shuffle_block_shards', minimum=1)
         if shuffle_algo == 'auto':
             shuffle_algo = 'shard_block' if self.has_remote else 'full'
             log.info('shuffle_algo auto -> %s (%s)', shuffle_algo,

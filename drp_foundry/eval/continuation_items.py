@@ -31,7 +31,6 @@ Given the seed (and a deterministic LLM endpoint), the output is deterministic.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import numpy as np
 
 from drp_foundry.eval.continuation_scorer import ContinuationItem, score_items
 from drp_foundry.eval.llm_client import ChatClient
+from drp_foundry.fileio import read_jsonl, text_field
 
 OFFLINE_VARIANT = 'offline_other_document'
 LLM_VARIANT = 'llm_edited_context'
@@ -392,19 +392,10 @@ def read_domain_documents(sources: Sequence[str | Path], max_documents: int | No
         if domain in documents:
             raise ValueError(f'domain {domain!r} given twice ({path}); name each domain file once')
         texts = []
-        with open(path, encoding='utf-8') as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line).get('text')
-                except (json.JSONDecodeError, AttributeError) as error:
-                    raise ValueError(f'{path}:{line_number}: expected a JSON object with a "text" field') from error
-                if not isinstance(text, str):
-                    raise ValueError(f'{path}:{line_number}: "text" is missing or not a string')
-                texts.append(text)
-                if max_documents is not None and len(texts) >= max_documents:
-                    break
+        for line_number, record in read_jsonl(path):
+            texts.append(text_field(record, path, line_number))
+            if max_documents is not None and len(texts) >= max_documents:
+                break
         documents[domain] = texts
     return documents
 

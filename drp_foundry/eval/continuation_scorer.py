@@ -38,6 +38,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from drp_foundry.fileio import read_jsonl
+
 NORMALIZATIONS = ('token_mean', 'sum')
 ITEM_KEYS = ('context', 'right', 'wrong', 'domain')
 
@@ -121,22 +123,15 @@ def read_items(path: str | Path) -> list[ContinuationItem]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'continuation items file {path} does not exist; build one with '
-                                '`python -m drp_foundry.eval.cli build ...`')
+                                '`drp-eval build ...`')
     items = []
-    with open(path, encoding='utf-8') as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f'{path}:{line_number}: not valid JSON ({error})') from error
-            missing = [k for k in ITEM_KEYS if not isinstance(record.get(k), str) or not record[k].strip()]
-            if missing:
-                raise ValueError(f'{path}:{line_number}: item needs non-empty string fields {list(ITEM_KEYS)}; '
-                                 f'missing or empty: {missing}')
-            items.append(ContinuationItem(record['context'], record['right'], record['wrong'],
-                                          record['domain'], record.get('meta') or {}))
+    for line_number, record in read_jsonl(path):
+        missing = [k for k in ITEM_KEYS if not isinstance(record.get(k), str) or not record[k].strip()]
+        if missing:
+            raise ValueError(f'{path}:{line_number}: item needs non-empty string fields {list(ITEM_KEYS)}; '
+                             f'missing or empty: {missing}')
+        items.append(ContinuationItem(record['context'], record['right'], record['wrong'],
+                                      record['domain'], record.get('meta') or {}))
     if not items:
         raise ValueError(f'continuation items file {path} holds no items')
     return items

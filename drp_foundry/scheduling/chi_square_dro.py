@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from drp_foundry.mixtures import simplex
+
 __all__ = ['chi_square_divergence', 'dro_threshold', 'worst_case_mixture', 'floored_worst_case_mixture',
            'apply_floors', 'robust_mixture']
 
 
 def _check_simplex(p: np.ndarray, name: str) -> None:
-    if p.ndim != 1 or p.size == 0:
-        raise ValueError(f'{name} must be a non-empty 1-D array, got shape {p.shape}')
-    if not np.all(np.isfinite(p)) or np.any(p <= 0):
-        raise ValueError(f'{name} must be finite and strictly positive, got {p.tolist()}')
-    if abs(p.sum() - 1.0) > 1e-6:
-        raise ValueError(f'{name} must sum to 1, got sum {p.sum():.8f}')
+    simplex(p, name, positive=True, tol=1e-6, what='entries')
 
 
 def chi_square_divergence(q: np.ndarray, p_ref: np.ndarray) -> float:

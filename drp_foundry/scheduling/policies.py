@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from drp_foundry.mixtures import domain_mixture, per_domain
 from drp_foundry.scheduling.chi_square_dro import robust_mixture
 from drp_foundry.scheduling.reference_ratio import update_reference_ratio
 from drp_foundry.scheduling.scaling_law_fit import MIN_POINTS, fit_scaling_laws
@@ -59,32 +60,13 @@ log = logging.getLogger(__name__)
 __all__ = ['MixturePolicy', 'ConstantPolicy', 'ShearedPolicy', 'DROPolicy', 'DRPruningPolicy', 'BUILTIN_POLICIES']
 
 
-def _as_ratio(values: Sequence[float], num_domains: int, key: str) -> np.ndarray:
-    ratio = np.asarray(values, dtype=np.float64)
-    if ratio.shape != (num_domains,):
-        raise ValueError(f'`{key}` must have one entry per domain ({num_domains}), got {list(values)}')
-    if not np.all(np.isfinite(ratio)) or np.any(ratio <= 0):
-        raise ValueError(f'`{key}` entries must be finite and > 0 (every domain must be sampled), got {list(values)}')
-    if abs(ratio.sum() - 1.0) > 1e-3:
-        raise ValueError(f'`{key}` must sum to 1 (got {ratio.sum():.6f}); fix the ratios in the config')
-    return ratio / ratio.sum()
+def _as_ratio(values: Sequence[float] | Mapping[str, float], domain_names: Sequence[str], key: str) -> np.ndarray:
+    """p_R: every domain sampled (> 0), summing to 1 (rounding renormalised)."""
+    return domain_mixture(values, domain_names, f'`{key}`', positive=True)
 
 
 def _as_losses(values: Sequence[float] | Mapping[str, float], domain_names: Sequence[str], key: str) -> np.ndarray:
-    num_domains = len(domain_names)
-    if isinstance(values, Mapping):
-        missing = [d for d in domain_names if d not in values]
-        extra = [d for d in values if d not in domain_names]
-        if missing or extra:
-            raise ValueError(f'`{key}`: domains {sorted(values)} do not match the dataset domains '
-                             f'{list(domain_names)} (missing {missing}, unknown {extra})')
-        values = [values[d] for d in domain_names]
-    losses = np.asarray(values, dtype=np.float64)
-    if losses.shape != (num_domains,):
-        raise ValueError(f'`{key}` must have one entry per domain ({num_domains}), got {list(values)}')
-    if not np.all(np.isfinite(losses)):
-        raise ValueError(f'`{key}` entries must be finite, got {list(values)}')
-    return losses
+    return per_domain(values, domain_names, f'`{key}`', what='losses')
 
 
 def _check_fraction(value: float, key: str) -> float:
@@ -115,7 +97,7 @@ class MixturePolicy(abc.ABC):
             raise ValueError(f'`domain_names` must be non-empty and unique, got {list(domain_names)}')
         self.domain_names = list(domain_names)
         self.num_domains = len(self.domain_names)
-        self.p_ref_initial = _as_ratio(reference_ratio, self.num_domains, 'reference_ratio')
+        self.p_ref_initial = _as_ratio(reference_ratio, self.domain_names, 'reference_ratio')
         if not 0.0 < eval_loss_ema <= 1.0:
             raise ValueError(f'`eval_loss_ema` must be in (0, 1] (1 = raw eval loss), got {eval_loss_ema}')
         if update_interval < 1:

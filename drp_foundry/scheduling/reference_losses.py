@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from drp_foundry.fileio import read_jsonl
+
 _SUMMARY_KEYS = ('mean', 'worst', 'spread')  # logged beside the domains by drp_domain_eval_loss
 
 __all__ = ['pilot_reference_losses', 'size_law_reference_losses', 'losses_from_metrics_jsonl']
@@ -95,14 +97,12 @@ def size_law_reference_losses(sizes: Sequence[float], losses: Mapping[str, Seque
 def losses_from_metrics_jsonl(path: str, prefix: str = 'drp/domain_eval_loss/') -> list[dict[str, float]]:
     """Per-domain eval losses of each evaluation logged by ``drp_jsonl`` (records with ``prefix`` keys)."""
     evaluations = []
-    with open(path, encoding='utf-8') as handle:
-        for line in handle:
-            record = json.loads(line)
-            metrics = record.get('metrics', record)
-            found = {k[len(prefix):]: float(v) for k, v in metrics.items()
-                     if k.startswith(prefix) and k[len(prefix):] not in _SUMMARY_KEYS}
-            if found:
-                evaluations.append(found)
+    for _, record in read_jsonl(path):
+        metrics = record.get('metrics', record)
+        found = {k[len(prefix):]: float(v) for k, v in metrics.items()
+                 if k.startswith(prefix) and k[len(prefix):] not in _SUMMARY_KEYS}
+        if found:
+            evaluations.append(found)
     if not evaluations:
         raise ValueError(f'{path}: no `{prefix}<domain>` metrics; log them with the drp_domain_eval_loss callback')
     return evaluations

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -112,20 +110,17 @@ def convert(out_dir: str | Path, force: bool = False) -> Path:
     for cfg in (model.config, model.generation_config):
         cfg.bos_token_id = cfg.eos_token_id = tokenizer.convert_tokens_to_ids(doc_sep)
         cfg.pad_token_id = tokenizer.convert_tokens_to_ids(pad)
-    tmp = out_dir.parent / f'.tmp-{out_dir.name}-{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
+    from drp_foundry.fileio import atomic_folder
     from drp_foundry.hf_tied_weights import store_tied_output_embedding
 
-    store_tied_output_embedding(tmp)
-    n_params = sum(p.numel() for p in model.parameters())
-    (tmp / MARKER).write_text(json.dumps({'source': f'{PACKAGE}=={PACKAGE_VERSION}:{GGUF_NAME}',
-                                          'num_parameters': n_params, 'dtype': 'float32', 'layout': LAYOUT},
-                                         indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        store_tied_output_embedding(tmp)
+        n_params = sum(p.numel() for p in model.parameters())
+        (tmp / MARKER).write_text(json.dumps({'source': f'{PACKAGE}=={PACKAGE_VERSION}:{GGUF_NAME}',
+                                              'num_parameters': n_params, 'dtype': 'float32', 'layout': LAYOUT},
+                                             indent=2))
     return out_dir
 
 

@@ -2,7 +2,7 @@
 
 The YAMLs in this folder cover the RedPajama domains (``DEFAULT_DOMAINS``) and are the
 output of :func:`write_task_configs`; for other domain sets (e.g. CulturaX languages) run
-``python -m drp_foundry.eval.cli tasks --domains en ru ... --out DIR`` and pass
+``drp-eval tasks --domains en ru ... --out DIR`` and pass
 ``--include_path DIR`` to ``lm_eval``.
 """
 

@@ -1,7 +1,7 @@
 """lm-eval task class for the drp continuation benchmark: reads our items from local JSONL.
 
 The items file is named by the environment variable ``DRP_CONTINUATION_ITEMS`` (the file
-``python -m drp_foundry.eval.cli build`` writes); each task keeps the items of the domain
+``drp-eval build`` writes); each task keeps the items of the domain
 in its YAML's ``metadata.domain``. Choices are ``[right, wrong]`` and the gold answer is
 0, so lm-eval's ``acc`` compares summed log-likelihoods and ``acc_norm`` compares them
 per character.
@@ -29,7 +29,7 @@ class ContinuationTask(ConfigurableTask):
         path = os.environ.get(ITEMS_ENV)
         if not path:
             raise ValueError(f'set {ITEMS_ENV} to the continuation items JSONL (built with '
-                             '`python -m drp_foundry.eval.cli build ...`) before running lm_eval')
+                             '`drp-eval build ...`) before running lm_eval')
         domain = (self.config.metadata or {}).get('domain')
         if not domain:
             raise ValueError(f'task {self.config.task}: its YAML needs metadata.domain')

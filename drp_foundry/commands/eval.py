@@ -1,10 +1,10 @@
-"""Command line for the continuation benchmark (console script ``drp-eval``).
+"""Command line for the continuation benchmark: ``drp-eval`` (or ``python -m drp_foundry.commands.eval``).
 
-    python -m drp_foundry.eval.cli build --data HELDOUT_DIR --out items.jsonl --offline
-    python -m drp_foundry.eval.cli build --data HELDOUT_DIR --out items.jsonl \\
+    drp-eval build --data HELDOUT_DIR --out items.jsonl --offline
+    drp-eval build --data HELDOUT_DIR --out items.jsonl \\
         --llm-base-url https://api.openai.com/v1 --llm-model gpt-4o --llm-api-key-env OPENAI_API_KEY
-    python -m drp_foundry.eval.cli score MODEL_DIR items.jsonl [--out results.json]
-    python -m drp_foundry.eval.cli tasks --domains en ru zh --out my_tasks/
+    drp-eval score MODEL_DIR items.jsonl [--out results.json]
+    drp-eval tasks --domains en ru zh --out my_tasks/
 
 See docs/EVALUATION.md.
 """

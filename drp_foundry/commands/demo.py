@@ -1,0 +1,433 @@
+"""The CPU demo: prune SmolLM2-135M to 50.3M parameters, continue pretraining with the DRPruning scheduler.
+
+Each stage is the command a user runs on GPUs, chained::
+
+    1. data_prep            corpus -> per-domain MDS shards (SmolLM2 tokenizer)
+    2. eval source          per-domain loss of SmolLM2-135M
+    3. prune, by one of two paths (``--path``):
+       l0:      composer -m drp_foundry.train RECIPE smollm2_prune.yaml   L0 masks + Lagrangian + scheduler
+                (masks importance-initialised and the source distilled in, unless switched off)
+       oneshot: drp-prune-oneshot SOURCE OUT --target ... --calibration DATA   (activation importance)
+    4. python -m drp_foundry.export CHECKPOINT OUT_DIR      (l0) fold masks, slice, HF directory
+    5. composer -m drp_foundry.train RECIPE smollm2_continue.yaml   continued pretraining, same scheduler,
+       distilling the source model (drp_distillation) unless ``--distill-alpha 0``
+    6. eval pruned and continued models; table, plots, a generated sample
+
+    python -m drp_foundry.demo [--corpus DIR] [--policy drpruning] [--path l0]   # default corpus: the embedded sample
+    python -m drp_foundry.demo --check     # resolve every file and config the demo needs, print them, exit
+
+Everything it reads ships in the package (the corpus ``drp_foundry/demo_corpus``, the recipes
+``drp_foundry/recipes/demo``; ``yamls/demo/smollm2_*.yaml`` in a checkout link to them), and the
+stages run installed modules (``drp_foundry.train``, ``drp_foundry.oneshot``, ``drp_foundry.export``),
+so an installed wheel runs it from any folder. The source model is ``models/smollm2-135m`` under the
+current folder unless ``--source`` says otherwise (``python -m drp_foundry.sources.smollm2 --out ...``
+makes it).
+
+Which path is the default and why: see ``DEFAULT_PATH`` below and docs/RESULTS.md
+(``bench/quality_per_token.py`` measures every path at one token budget).
+
+Reference losses (``sheared``, ``dro``, and ``drpruning`` before its first fit) are meant for
+the target size: ``--reference-losses FILE`` ({domain: loss}); without it the demo uses the
+continued-model losses of an earlier ``--policy constant`` run in the same ``--work`` (a
+constant-policy pilot at the target size), and only failing that the source model's losses
+(a stand-in that overstates every excess; it says so).
+
+Rerunning continues where it stopped (data_prep is idempotent, the training runs autoresume);
+``--fresh`` starts over. Everything lands under ``--work`` (default ``runs/demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from drp_foundry.progress import StepTimer, format_duration, parse_batch_line
+
+PACKAGE = Path(__file__).resolve().parents[1]  # drp_foundry/, in a checkout or an installed wheel
+POLICIES = ('constant', 'sheared', 'dro', 'drpruning')  # the built-in policies (scheduling/registry.py)
+DEFAULT_SOURCE = Path('models') / 'smollm2-135m'  # relative to the current folder (make setup writes it there)
+# The default corpus and the recipes, shipped as package data (corpus provenance and licenses in its README.md).
+DEMO_CORPUS = PACKAGE / 'demo_corpus'
+RECIPES = PACKAGE / 'recipes' / 'demo'
+PRUNE_RECIPE = RECIPES / 'smollm2_prune.yaml'
+CONTINUE_RECIPE = RECIPES / 'smollm2_continue.yaml'
+# modules the stages run (python -m ...): installed with the package
+STAGE_MODULES = ('drp_foundry.train', 'drp_foundry.oneshot', 'drp_foundry.export', 'composer.cli.launcher')
+TARGET = {'layers': 20, 'hidden': 384, 'heads': 6, 'kv_heads': 2, 'intermediate': 1024}  # smollm2_prune.yaml's
+PATHS = ('oneshot', 'l0')
+# The demo's default path: the one that gives the lowest eval loss in its CPU time budget (about
+# 20 minutes on 2 cores). See the note at PATH_CHOICE below.
+DEFAULT_PATH = 'oneshot'
+PATH_CHOICE = """one-shot importance pruning, then continued pretraining with distillation and the
+DRPruning scheduler. Why: in a CPU budget of about 10^5 tokens, a training step of the masked 135M
+model costs about 2.7x a step of the 50M export (measured: 12-16 s vs 4.5-5 s for 4 x 128 tokens,
+one thread, loaded machine), so every pruning step is paid in continued-pretraining steps, while
+the importance top-k is already a usable start (the same scores initialise the L0 path's masks,
+--path l0). bench/quality_per_token.py compares the paths at one token budget (docs/RESULTS.md)."""
+
+
+_DEMO_STARTED = time.time()
+
+
+def _stage(title: str) -> float:
+    print(f'\n=== {title} ({format_duration(time.time() - _DEMO_STARTED)} into the demo)', flush=True)
+    return time.time()
+
+
+def run_logged(cmd: list[str], log_path: Path) -> None:
+    """Run a stage's command, streaming its output to the console and to ``log_path``; Composer's
+    ``[batch=N/M]`` lines are shown as the step, the rate and the stage's ETA."""
+    print('$ ' + ' '.join(cmd), flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    timer = StepTimer()
+    with open(log_path, 'a') as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if (batch := parse_batch_line(line)) is not None:
+                timer.update(*batch)
+                print(f'  {timer.describe()}', flush=True)
+            elif _worth_showing(line):
+                print('  ' + line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            raise SystemExit(f'stage failed (exit {proc.returncode}): {" ".join(cmd)}\nfull log: {log_path}')
+
+
+def _worth_showing(line: str) -> bool:
+    keys = ('drp/domain_eval_loss/', 'drp/mixture/', 'drp/expected_num_parameters', 'wrote ',
+            'Error', 'error:', 'parameters ')
+    return any(k in line for k in keys)
+
+
+def train_command(yaml: str | Path, overrides: dict[str, object]) -> list[str]:
+    """``composer -n 1 -m drp_foundry.train YAML key=value ...`` (the launcher users run on GPU nodes)."""
+    args = [f'{k}={v}' for k, v in overrides.items()]
+    return [sys.executable, '-m', 'composer.cli.launcher', '-n', '1', '-m', 'drp_foundry.train', str(yaml), *args]
+
+
+def finished(checkpoints: Path, steps: int) -> bool:
+    """A training stage is done when its final checkpoint exists (Composer refuses to resume past the end)."""
+    return (checkpoints / f'ep0-ba{steps}-rank0.pt').exists()
+
+
+def scheduler_overrides(policy: str, reference_losses: dict[str, float] | None) -> dict[str, object]:
+    """YAML overrides for the scheduler: the policy name and its reference losses (null for
+    ``constant``, which takes none; a null key takes the policy's default)."""
+    if policy == 'constant' or reference_losses is None:
+        return {'variables.policy': policy, 'variables.reference_losses': 'null'}
+    return {'variables.policy': policy,
+            **{f'variables.reference_losses.{d}': round(v, 4) for d, v in reference_losses.items()}}
+
+
+def target_reference_losses(work: Path, given: str | None, source_losses: dict[str, float],
+                            path: str | None = None) -> tuple[dict[str, float], str]:
+    """The reference losses for the scheduler and where they came from (see the module docstring)."""
+    if given:
+        return {d: float(v) for d, v in json.loads(Path(given).read_text()).items()}, given
+    for pilot in ([work / f'loss_continued_{path}_constant.json'] if path else []) + \
+            [work / 'loss_continued_constant.json']:
+        if pilot.exists():
+            return json.loads(pilot.read_text()), f'{pilot} (constant-policy pilot at the target size)'
+    return source_losses, 'the source model (a stand-in: run --policy constant first for target-size references)'
+
+
+def distillation_overrides(source: Path, alpha: float, temperature: float = 1.0) -> dict[str, object]:
+    """YAML overrides that add ``drp_distillation`` (the source model as teacher); none when alpha is 0."""
+    if alpha <= 0:
+        return {}
+    return {'algorithms.drp_distillation.teacher': source, 'algorithms.drp_distillation.alpha': alpha,
+            'algorithms.drp_distillation.temperature': temperature}
+
+
+def target_argument(target: dict[str, int] = TARGET) -> str:
+    return ','.join(f'{key}={value}' for key, value in target.items())
+
+
+def _eval(model_dir: Path, data_root: Path, max_seq_len: int, out_json: Path) -> dict[str, float]:
+    if out_json.exists():
+        return json.loads(out_json.read_text())
+    from drp_foundry.composer.domain_eval_losses import evaluate_domains
+
+    losses = evaluate_domains(model_dir, data_root, max_seq_len=max_seq_len, batch_size=8)
+    out_json.write_text(json.dumps(losses, indent=2))
+    return losses
+
+
+def _final_mixture(metrics_path: Path, domains: list[str]) -> dict[str, float]:
+    from drp_foundry.composer.jsonl_metrics_logger import read_metrics
+
+    series = read_metrics(metrics_path)
+    return {d: series[f'drp/mixture/{d}'][-1][1] for d in domains if f'drp/mixture/{d}' in series}
+
+
+def format_table(rows: dict[str, dict[str, float]], mixtures: dict[str, dict[str, float]]) -> str:
+    """Per-domain eval loss of each model, plus mean/worst rows and the mixtures used."""
+    domains = list(next(iter(rows.values())))
+    names = list(rows)
+    header = f'{"domain":>14} ' + ' '.join(f'{n:>10}' for n in names) + ' ' + ' '.join(
+        f'{"q " + m:>14}' for m in mixtures)
+    lines = [header, '-' * len(header)]
+    for d in domains:
+        cells = ' '.join(f'{rows[n][d]:10.3f}' for n in names)
+        mix = ' '.join(f'{mixtures[m].get(d, float("nan")):14.3f}' for m in mixtures)
+        lines.append(f'{d:>14} {cells} {mix}')
+    lines.append(f'{"mean":>14} ' + ' '.join(f'{sum(rows[n].values()) / len(domains):10.3f}' for n in names))
+    lines.append(f'{"worst":>14} ' + ' '.join(f'{max(rows[n].values()):10.3f}' for n in names))
+    return '\n'.join(lines)
+
+
+def plot_demo(prune_metrics: Path | None, continue_metrics: Path, domains: list[str], out_png: Path) -> None:
+    """Mixture over time, per-domain eval loss, expected size against target (one PNG)."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    from drp_foundry.composer.jsonl_metrics_logger import read_metrics
+
+    prune = read_metrics(prune_metrics) if prune_metrics is not None and prune_metrics.exists() else {}
+    cont = read_metrics(continue_metrics)
+    offset = max((s for s, _ in prune.get('drp/expected_num_parameters', [(0, 0)])), default=0)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = plt.get_cmap('tab10')
+    for i, d in enumerate(domains):
+        for ax, key in ((axes[0], f'drp/mixture/{d}'), (axes[1], f'drp/domain_eval_loss/{d}')):
+            labelled = False  # the domain's name on its first line (the pruning run's, or the continued one's)
+            for series, shift, style in ((prune, 0, '-'), (cont, offset, '--')):
+                if key in series:
+                    steps, values = zip(*series[key])
+                    ax.plot([s + shift for s in steps], values, style, color=colors(i % 10),
+                            label=None if labelled else d)
+                    labelled = True
+    axes[0].set_title('mixture q (solid: pruning, dashed: continued)')
+    axes[1].set_title('per-domain eval loss')
+    for key, label in (('drp/expected_num_parameters', 'expected'), ('drp/target_num_parameters', 'target')):
+        if key in prune:
+            steps, values = zip(*prune[key])
+            axes[2].plot(steps, [v / 1e6 for v in values], label=label)
+    axes[2].set_title('parameters (M) while pruning')
+    if 'drp/expected_num_parameters' not in prune:
+        axes[2].text(0.5, 0.5, 'no pruning run\n(one-shot path)', ha='center', va='center',
+                     transform=axes[2].transAxes)
+    for ax in axes:
+        ax.set_xlabel('step')
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def generate_sample(model_dir: Path, prompt: str = 'The history of the city', tokens: int = 24) -> str:
+    """Greedy continuation with plain transformers (no drp_foundry code in the loop)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
+    enc = tok(prompt, return_tensors='pt')
+    with torch.no_grad():
+        out = model.generate(input_ids=enc['input_ids'], attention_mask=enc['attention_mask'], max_new_tokens=tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0], skip_special_tokens=True)
+
+
+def check_resources(corpus: Path, source: Path, work: Path, max_seq_len: int) -> list[str]:
+    """Resolve every file, recipe and module the demo's stages use, without writing anything.
+
+    Returns one line per resource (what, where); raises ``SystemExit`` naming the first one missing.
+    """
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from data_prep.build_domain_mds import DataPrepError, find_domain_files
+    from drp_foundry.composer.config_checks import ConfigError, load_train_config
+
+    lines = []
+    try:
+        files = find_domain_files(corpus)
+    except DataPrepError as err:
+        raise SystemExit(f'--corpus {corpus}: {err}') from None
+    lines.append(f'corpus     {corpus} ({len(files)} domains: {", ".join(sorted(files))})')
+    lines.append(f'source     {source} (config.json)')
+    overrides = {'variables.data_root': work / 'data', 'variables.max_seq_len': max_seq_len,
+                 'variables.source_model': source, 'variables.model_dir': work / 'models' / 'pruned'}
+    for recipe in (PRUNE_RECIPE, CONTINUE_RECIPE):
+        try:
+            cfg = load_train_config(recipe, [f'{k}={v}' for k, v in overrides.items()])
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+        except (ConfigError, ValueError) as err:
+            raise SystemExit(f'recipe {recipe}: {err}') from None
+        lines.append(f'recipe     {recipe} (train_loader {resolved["train_loader"]["name"]}, '
+                     f'model {resolved["model"]["pretrained_model_name_or_path"]})')
+    for module in STAGE_MODULES:
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise SystemExit(f'module {module} is not importable; reinstall drp-foundry (pip install drp-foundry)')
+        lines.append(f'module     {module} ({spec.origin})')
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--corpus', default=None,
+                        help='folder of <domain>.jsonl[.zst|.gz] files (text field); default: the embedded '
+                             'seven-domain RedPajama sample (drp_foundry/demo_corpus)')
+    parser.add_argument('--policy', choices=POLICIES, default='drpruning')
+    parser.add_argument('--source', default=str(DEFAULT_SOURCE), help='HF directory of the source model')
+    parser.add_argument('--work', default='runs/demo', help='where runs, models and the report go')
+    parser.add_argument('--path', choices=PATHS, default=DEFAULT_PATH,
+                        help=f'how to prune: oneshot (activation importance) or l0 (learned masks); default '
+                             f'{DEFAULT_PATH}')
+    parser.add_argument('--prune-steps', type=int, default=20, help='l0 path: pruning steps')
+    parser.add_argument('--mask-init', choices=('importance', 'constant'), default='importance',
+                        help='l0 path: drp_mask_learner init (constant = the paper)')
+    parser.add_argument('--continue-steps', type=int, default=200)
+    parser.add_argument('--continue-lr', type=float, default=3e-4)
+    parser.add_argument('--distill-alpha', type=float, default=0.5,
+                        help='weight of the KL to the source model (drp_distillation); 0 switches it off')
+    parser.add_argument('--eval-every', type=int, default=20)
+    parser.add_argument('--max-seq-len', type=int, default=128)
+    parser.add_argument('--reference-losses', help='JSON {domain: loss} for a model of the target size')
+    parser.add_argument('--fresh', action='store_true', help='delete --work first')
+    parser.add_argument('--check', action='store_true',
+                        help='resolve every file, recipe and module the stages use, print them and exit '
+                             '(writes nothing)')
+    args = parser.parse_args(argv)
+    os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+    if args.corpus is None:
+        args.corpus = str(DEMO_CORPUS)
+    work = Path(args.work).resolve()
+    source = Path(args.source).resolve()
+    if not (source / 'config.json').is_file():
+        raise SystemExit(f'--source {source}: no HF model there; run `make setup` or `python -m '
+                         'drp_foundry.sources.smollm2 --out models/smollm2-135m` (it converts SmolLM2-135M), or '
+                         'pass --source DIR')
+    if args.check:
+        for line in check_resources(Path(args.corpus).resolve(), source, work, args.max_seq_len):
+            print(line)
+        print('demo check: every resource resolved')
+        return 0
+    if args.fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    data_root = work / 'data'
+    logs = work / 'logs'
+    started = time.time()
+
+    t = _stage('1/6 data_prep: corpus -> per-domain MDS (SmolLM2 tokenizer)')
+    from data_prep.build_domain_mds import PrepSettings, build_domain_mds
+
+    manifest = build_domain_mds(args.corpus, data_root, tokenizer=str(source), overwrite=True,
+                                settings=PrepSettings(max_seq_len=args.max_seq_len, min_eval_samples=8,
+                                                      max_eval_samples=16))
+    domains = list(manifest['domains'])
+    print(f'  {len(domains)} domains: {", ".join(domains)} ({time.time() - t:.0f}s)')
+
+    t = _stage('2/6 per-domain loss of the source model')
+    source_losses = _eval(source, data_root, args.max_seq_len, work / 'loss_source.json')
+    print('  ' + ', '.join(f'{d} {v:.3f}' for d, v in source_losses.items()) + f' ({time.time() - t:.0f}s)')
+
+    references, origin = target_reference_losses(work, args.reference_losses, source_losses, args.path)
+    if args.policy != 'constant':
+        print(f'  reference losses from {origin}')
+    common = {'variables.data_root': data_root, 'variables.max_seq_len': args.max_seq_len,
+              'variables.eval_every': args.eval_every, **scheduler_overrides(args.policy, references)}
+    prune_run = f'demo-prune-{args.policy}'
+    pruned_dir = work / 'models' / f'pruned-{args.path}-{args.policy}'
+    distill = distillation_overrides(source, args.distill_alpha)
+    if args.path == 'oneshot':
+        t = _stage('3/6 prune: one-shot activation importance (drp-prune-oneshot)')
+        if (pruned_dir / 'pruning_report.json').exists():
+            print('  already done')
+        else:
+            run_logged([sys.executable, '-m', 'drp_foundry.oneshot', str(source), str(pruned_dir), '--target',
+                        target_argument(), '--calibration', str(data_root), '--num-sequences', '64', '--seq-len',
+                        str(args.max_seq_len), '--overwrite'], logs / 'prune.log')
+        print(f'  ({time.time() - t:.0f}s)')
+        _stage('4/6 export: not needed (the one-shot tool wrote the HF directory)')
+    else:
+        t = _stage(f'3/6 prune ({args.prune_steps} steps, policy {args.policy}, masks {args.mask_init})')
+        if finished(work / prune_run / 'checkpoints', args.prune_steps):
+            print('  already done')
+        else:
+            run_logged(train_command(PRUNE_RECIPE, {
+                **common, 'variables.source_model': source, 'variables.run_name': prune_run,
+                'variables.steps': args.prune_steps, 'save_folder': work / prune_run / 'checkpoints',
+                'algorithms.drp_mask_learner.init': args.mask_init, **distill,
+                'loggers.drp_jsonl.path': work / '{run_name}' / 'metrics.jsonl',
+                'callbacks.drp_dynamic_loading.plot_folder': work / '{run_name}' / 'plots'}), logs / 'prune.log')
+        print(f'  ({time.time() - t:.0f}s)')
+
+        t = _stage('4/6 export: fold masks, slice, write a HF directory')
+        run_logged([sys.executable, '-m', 'drp_foundry.export',
+                    str(work / prune_run / 'checkpoints' / 'latest-rank0.pt'), str(pruned_dir), '--overwrite',
+                    '--source', str(source)], logs / 'export.log')
+        print(f'  ({time.time() - t:.0f}s)')
+
+    continue_run = f'demo-continue-{args.path}-{args.policy}'
+    t = _stage(f'5/6 continued pretraining ({args.continue_steps} steps, policy {args.policy})')
+    if finished(work / continue_run / 'checkpoints', args.continue_steps):
+        print('  already done')
+    else:
+        run_logged(train_command(CONTINUE_RECIPE, {
+            **common, 'variables.model_dir': pruned_dir, 'variables.run_name': continue_run,
+            'variables.steps': args.continue_steps, 'save_folder': work / continue_run / 'checkpoints',
+            'optimizer.lr': args.continue_lr, **distill,
+            'callbacks.hf_checkpointer.save_folder': work / continue_run / 'hf',
+            'loggers.drp_jsonl.path': work / '{run_name}' / 'metrics.jsonl',
+            'callbacks.drp_dynamic_loading.plot_folder': work / '{run_name}' / 'plots'}), logs / 'continue.log')
+    continued_dir = work / continue_run / 'hf' / 'huggingface' / 'final'  # hf_checkpointer's layout
+    from drp_foundry.hf_tied_weights import store_tied_output_embedding
+
+    store_tied_output_embedding(continued_dir)  # hf_checkpointer leaves a tied lm_head out, as save_pretrained does
+    print(f'  ({time.time() - t:.0f}s)')
+
+    t = _stage('6/6 evaluate, tabulate, plot')
+    rows = {'source': source_losses,
+            'pruned': _eval(pruned_dir, data_root, args.max_seq_len, work / f'loss_pruned_{args.path}_{args.policy}.json'),
+            'continued': _eval(continued_dir, data_root, args.max_seq_len,
+                               work / f'loss_continued_{args.path}_{args.policy}.json')}
+    prune_metrics = work / prune_run / 'metrics.jsonl' if args.path == 'l0' else None
+    mixtures = {'continue': _final_mixture(work / continue_run / 'metrics.jsonl', domains)}
+    if prune_metrics is not None:
+        mixtures = {'prune': _final_mixture(prune_metrics, domains), **mixtures}
+    table = format_table(rows, mixtures)
+    from drp_foundry.model_card import add_domain_losses
+
+    add_domain_losses(pruned_dir, rows, note=(
+        f'Measured by the CPU demo (`python -m drp_foundry.demo`, policy {args.policy}): eval loss in nats/token on '
+        f'{args.max_seq_len}-token held-out samples of the demo corpus. `continued` is this model after '
+        f'{args.continue_steps} steps of continued pretraining (not the weights in this folder).'))
+    plot_demo(prune_metrics, work / continue_run / 'metrics.jsonl', domains,
+              work / f'demo_{args.policy}.png')
+    report = json.loads((pruned_dir / 'pruning_report.json').read_text())
+    sample = generate_sample(continued_dir)
+    summary = {'policy': args.policy, 'path': args.path, 'distill_alpha': args.distill_alpha,
+               'train_tokens': (args.prune_steps * (args.path == 'l0') + args.continue_steps) * 4 * args.max_seq_len,
+               'losses': rows, 'final_mixtures': mixtures,
+               'params_source': report['params_before'], 'params_pruned': report['params_after'],
+               'sample': sample, 'wall_time_s': round(time.time() - started, 1)}
+    (work / f'demo_{args.policy}.json').write_text(json.dumps(summary, indent=2))
+    print(f'\nPer-domain eval loss (nats/token, {args.max_seq_len}-token samples) and the final mixtures q:')
+    print(table)
+    print(f'\nparameters: source {report["params_before"]:,} -> pruned {report["params_after"]:,}')
+    print(f'sample from the continued model: {sample!r}')
+    print(f'plots: {work / f"demo_{args.policy}.png"}; report: {work / f"demo_{args.policy}.json"}; '
+          f'model card: {pruned_dir / "README.md"}')
+    print(f'wall time: {time.time() - started:.0f}s')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""``drp-export CHECKPOINT OUT_DIR`` (or ``python -m drp_foundry.export``): the command over ``drp_foundry.export``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from drp_foundry.export import DTYPES, ExportError, export_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='drp-export', description='Export a pruning checkpoint (Composer) to a '
+                                     'dense, smaller Hugging Face model: masks folded in, pruned structures sliced.')
+    parser.add_argument('checkpoint', help='Composer checkpoint: a monolithic .pt file or a sharded checkpoint folder')
+    parser.add_argument('out_dir', help='folder for the exported HF model (must not exist or be empty)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an earlier export in OUT_DIR (never a folder with checkpoints or the input)')
+    parser.add_argument('--tokenizer', default=None, help='HF tokenizer folder (default: the one in the checkpoint)')
+    parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32', help='dtype of the saved weights')
+    parser.add_argument('--source', default=None, help='the source model (path or hub name) for the model card; '
+                        'the checkpoint does not record it')
+    args = parser.parse_args(argv)
+    try:
+        report = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite,
+                                   tokenizer_dir=args.tokenizer, dtype=args.dtype, source=args.source)
+    except ExportError as error:
+        print(f'drp-export: error: {error}', file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f'wrote {args.out_dir}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
