@@ -112,6 +112,14 @@ def train_command(yaml: str | Path, overrides: dict[str, object]) -> list[str]:
     return [sys.executable, '-m', 'composer.cli.launcher', '-n', '1', '-m', 'drp_foundry.train', str(yaml), *args]
 
 
+def run_overrides(work: Path, run: str, steps: int) -> dict[str, object]:
+    """A training stage's name, length and output folders under ``work``: ``work/<run>/`` holds its
+    checkpoints, ``metrics.jsonl`` and plots."""
+    return {'variables.run_name': run, 'variables.steps': steps, 'save_folder': work / run / 'checkpoints',
+            'loggers.drp_jsonl.path': work / '{run_name}' / 'metrics.jsonl',
+            'callbacks.drp_dynamic_loading.plot_folder': work / '{run_name}' / 'plots'}
+
+
 def finished(checkpoints: Path, steps: int) -> bool:
     """A training stage is done when its final checkpoint exists (Composer refuses to resume past the end)."""
     return (checkpoints / f'ep0-ba{steps}-rank0.pt').exists()
@@ -362,11 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             print('  already done')
         else:
             run_logged(train_command(PRUNE_RECIPE, {
-                **common, 'variables.source_model': source, 'variables.run_name': prune_run,
-                'variables.steps': args.prune_steps, 'save_folder': work / prune_run / 'checkpoints',
-                'algorithms.drp_mask_learner.init': args.mask_init, **distill,
-                'loggers.drp_jsonl.path': work / '{run_name}' / 'metrics.jsonl',
-                'callbacks.drp_dynamic_loading.plot_folder': work / '{run_name}' / 'plots'}), logs / 'prune.log')
+                **common, **run_overrides(work, prune_run, args.prune_steps), 'variables.source_model': source,
+                'algorithms.drp_mask_learner.init': args.mask_init, **distill}), logs / 'prune.log')
         print(f'  ({time.time() - t:.0f}s)')
 
         t = _stage('4/6 export: fold masks, slice, write a HF directory')
@@ -381,12 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         print('  already done')
     else:
         run_logged(train_command(CONTINUE_RECIPE, {
-            **common, 'variables.model_dir': pruned_dir, 'variables.run_name': continue_run,
-            'variables.steps': args.continue_steps, 'save_folder': work / continue_run / 'checkpoints',
+            **common, **run_overrides(work, continue_run, args.continue_steps), 'variables.model_dir': pruned_dir,
             'optimizer.lr': args.continue_lr, **distill,
-            'callbacks.hf_checkpointer.save_folder': work / continue_run / 'hf',
-            'loggers.drp_jsonl.path': work / '{run_name}' / 'metrics.jsonl',
-            'callbacks.drp_dynamic_loading.plot_folder': work / '{run_name}' / 'plots'}), logs / 'continue.log')
+            'callbacks.hf_checkpointer.save_folder': work / continue_run / 'hf'}), logs / 'continue.log')
     continued_dir = work / continue_run / 'hf' / 'huggingface' / 'final'  # hf_checkpointer's layout
     from drp_foundry.hf_tied_weights import store_tied_output_embedding
 

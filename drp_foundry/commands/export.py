@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from drp_foundry.commands import write_folder_command
 from drp_foundry.export import DTYPES, ExportError, export_checkpoint
 
 
@@ -20,15 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--source', default=None, help='the source model (path or hub name) for the model card; '
                         'the checkpoint does not record it')
     args = parser.parse_args(argv)
-    try:
-        report = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite,
-                                   tokenizer_dir=args.tokenizer, dtype=args.dtype, source=args.source)
-    except ExportError as error:
-        print(f'drp-export: error: {error}', file=sys.stderr)
-        return 2
-    print(report.summary())
-    print(f'wrote {args.out_dir}')
-    return 0
+    return write_folder_command('drp-export', ExportError, lambda: export_checkpoint(
+        args.checkpoint, args.out_dir, overwrite=args.overwrite, tokenizer_dir=args.tokenizer, dtype=args.dtype,
+        source=args.source), args.out_dir)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from drp_foundry.commands import write_folder_command
 from drp_foundry.oneshot import OneShotError, parse_target, prune_directory
 from drp_foundry.oneshot import __doc__ as oneshot_doc
 
@@ -21,17 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--split', default='train', help='MDS split to calibrate on (default train)')
     parser.add_argument('--overwrite', action='store_true', help='replace a non-empty OUT_DIR')
     args = parser.parse_args(argv)
-    try:
+
+    def write():
         if args.num_sequences < 1 or args.seq_len < 2:
             raise OneShotError('--num-sequences must be >= 1 and --seq-len >= 2')
-        report = prune_directory(args.model, args.out_dir, parse_target(args.target), args.calibration,
-                                 args.num_sequences, args.seq_len, args.batch_size, args.split, args.overwrite)
-    except OneShotError as error:
-        print(f'drp-prune-oneshot: error: {error}', file=sys.stderr)
-        return 2
-    print(report.summary())
-    print(f'wrote {args.out_dir}')
-    return 0
+        return prune_directory(args.model, args.out_dir, parse_target(args.target), args.calibration,
+                               args.num_sequences, args.seq_len, args.batch_size, args.split, args.overwrite)
+
+    return write_folder_command('drp-prune-oneshot', OneShotError, write, args.out_dir)
 
 
 if __name__ == '__main__':
