@@ -38,8 +38,8 @@ ENTRY_POINTS = {
     ],
     # The commands' logic is in drp_foundry/commands/ (one module each); `python -m` entries call the same main.
     'console_scripts': [
-        'drp-prepare-data = data_prep.build_domain_mds:main',
-        'drp-hf-corpora = data_prep.hf_corpora:main',
+        'drp-prepare-data = drp_foundry.commands.prepare_data:main',
+        'drp-hf-corpora = drp_foundry.commands.hf_corpora:main',
         'drp-train = drp_foundry.commands.train:main',
         'drp-demo = drp_foundry.commands.demo:main',
         'drp-export = drp_foundry.commands.export:main',

@@ -36,7 +36,6 @@ and never deletes a folder data_prep did not write.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
@@ -517,39 +516,7 @@ def build_domain_mds(corpus: str | Path, out: str | Path, *, domains: list[str] 
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--corpus', required=True, help='folder of <domain>.jsonl files or <domain>/ folders')
-    parser.add_argument('--out', required=True, help='output folder (DATA_ROOT)')
-    parser.add_argument('--domains', nargs='+', help='domains to take (default: all in --corpus)')
-    parser.add_argument('--tokenizer', help='local Hugging Face tokenizer folder')
-    parser.add_argument('--train-tokenizer', type=int, metavar='VOCAB_SIZE',
-                        help='train a byte-level BPE of this size on the corpus instead (tiny runs)')
-    parser.add_argument('--max-seq-len', type=int, default=PrepSettings.max_seq_len)
-    parser.add_argument('--seed', type=int, default=PrepSettings.seed)
-    parser.add_argument('--eval-fraction', type=float, default=PrepSettings.eval_fraction)
-    parser.add_argument('--min-eval-samples', type=int, default=PrepSettings.min_eval_samples)
-    parser.add_argument('--max-eval-samples', type=int, default=PrepSettings.max_eval_samples)
-    parser.add_argument('--max-train-samples', type=int, default=None, help='cap per domain (demo runs)')
-    parser.add_argument('--overwrite', action='store_true',
-                        help='rebuild a data root built from other inputs (the whole root, all or nothing)')
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
-    settings = PrepSettings(max_seq_len=args.max_seq_len, seed=args.seed, eval_fraction=args.eval_fraction,
-                            min_eval_samples=args.min_eval_samples, max_eval_samples=args.max_eval_samples,
-                            max_train_samples=args.max_train_samples)
-    try:
-        manifest = build_domain_mds(args.corpus, args.out, domains=args.domains, tokenizer=args.tokenizer,
-                                    train_tokenizer_vocab=args.train_tokenizer, settings=settings,
-                                    overwrite=args.overwrite)
-    except DataPrepError as err:
-        print(f'data_prep: error: {err}', file=sys.stderr)
-        return 2
-    for domain, info in manifest['domains'].items():
-        print(f'{domain:>14}: {info["train_samples"]:6d} train / {info["eval_samples"]:4d} eval samples')
-    return 0
-
-
 if __name__ == '__main__':
+    from drp_foundry.commands.prepare_data import main
+
     sys.exit(main())

@@ -35,7 +35,6 @@ interrupted export never leaves a domain that looks complete.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -323,51 +322,7 @@ def _expand_caps(cap: Cap, domains: list[str]) -> Cap:
     return {**{d: default for d in domains if default is not None}, **cap}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='corpus', required=True)
-    for name, help_text in (('slimpajama', 'SlimPajama -> the seven RedPajama domains'),
-                            ('culturax', 'CulturaX -> one domain per language')):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument('--out', required=True, help='corpus folder for build_domain_mds --corpus')
-        p.add_argument('--dataset', default=SLIMPAJAMA if name == 'slimpajama' else CULTURAX,
-                       help="hub name, or 'json' with --data-files for a local copy")
-        p.add_argument('--data-files', default=None,
-                       help='local files (glob); for culturax a pattern containing {language}')
-        p.add_argument('--split', default='train')
-        if name == 'slimpajama':
-            p.add_argument('--domains', nargs='+', default=None, help=f'default: {list(SLIMPAJAMA_DOMAINS.values())}')
-        else:
-            p.add_argument('--languages', nargs='+', default=list(CULTURAX_LANGUAGES))
-        p.add_argument('--max-documents', nargs='+', metavar='N|DOMAIN=N', help='cap for every domain and/or per domain')
-        p.add_argument('--max-characters', nargs='+', metavar='N|DOMAIN=N', help='same, in characters')
-        p.add_argument('--shuffle-buffer', type=int, default=0, help='0: keep stream order')
-        p.add_argument('--seed', type=int, default=17)
-        p.add_argument('--docs-per-file', type=int, default=DEFAULT_DOCS_PER_FILE)
-        p.add_argument('--overwrite', action='store_true', help='replace domains already in --out')
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
-    try:
-        domains = (args.domains or list(SLIMPAJAMA_DOMAINS.values())) if args.corpus == 'slimpajama' else \
-            args.languages
-        common = dict(dataset=args.dataset, data_files=args.data_files, split=args.split,
-                      max_documents=_expand_caps(_parse_caps(args.max_documents, '--max-documents'), domains),
-                      max_characters=_expand_caps(_parse_caps(args.max_characters, '--max-characters'), domains),
-                      shuffle_buffer=args.shuffle_buffer, seed=args.seed, docs_per_file=args.docs_per_file,
-                      overwrite=args.overwrite)
-        if args.corpus == 'slimpajama':
-            manifest = export_slimpajama(args.out, domains=domains, **common)
-        else:
-            manifest = export_culturax(args.out, languages=domains, **common)
-    except CorpusExportError as err:
-        print(f'hf_corpora: error: {err}', file=sys.stderr)
-        return 2
-    for domain, info in manifest['domains'].items():
-        print(f'{domain:>14}: {info["documents"]:9d} documents {info["characters"]:14d} characters'
-              f'{"" if info["reached_cap"] else "  (source exhausted before the cap)"}')
-    return 0
-
-
 if __name__ == '__main__':
+    from drp_foundry.commands.hf_corpora import main
+
     sys.exit(main())

@@ -167,7 +167,7 @@ def _prep_cli(args: list[str]) -> Callable[[Ctx, str], str]:
         import contextlib
         import io
 
-        from data_prep.build_domain_mds import main
+        from drp_foundry.commands.prepare_data import main
 
         out, err = c.case_dir(name) / 'out', io.StringIO()
         with contextlib.redirect_stderr(err):

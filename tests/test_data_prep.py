@@ -126,8 +126,10 @@ def test_line_without_text_names_file_and_line(small_corpus, tmp_path, tiny_toke
 
 
 def test_cli_reports_errors_without_traceback(small_corpus, tmp_path, capsys):
-    code = prep.main(['--corpus', str(small_corpus), '--out', str(tmp_path / 'o'), '--tokenizer',
-                      str(tmp_path / 'nope')])
+    from drp_foundry.commands.prepare_data import main
+
+    code = main(['--corpus', str(small_corpus), '--out', str(tmp_path / 'o'), '--tokenizer',
+                 str(tmp_path / 'nope')])
     assert code == 2
     assert '--tokenizer' in capsys.readouterr().err
 

@@ -21,8 +21,8 @@ from data_prep.hf_corpora import (
     CorpusExportError,
     export_culturax,
     export_slimpajama,
-    main,
 )
+from drp_foundry.commands.hf_corpora import main
 
 SET_NAMES = list(SLIMPAJAMA_DOMAINS)  # RedPajamaCommonCrawl, RedPajamaC4, ...
 
