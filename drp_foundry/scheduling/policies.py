@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from drp_foundry.mixtures import domain_mixture, per_domain
+from drp_foundry.mixtures import domain_mixture, per_domain, simplex
 from drp_foundry.scheduling.chi_square_dro import robust_mixture
 from drp_foundry.scheduling.reference_ratio import update_reference_ratio
 from drp_foundry.scheduling.scaling_law_fit import MIN_POINTS, fit_scaling_laws
@@ -148,13 +148,13 @@ class MixturePolicy(abc.ABC):
         if self.num_domains == 1:
             warnings.append('a single domain: the mixture is [1.0]')
             q = np.ones(1)
-        if q is None or not np.all(np.isfinite(q)) or np.any(q < 0) or abs(q.sum() - 1.0) > 1e-6:
-            if q is not None:
-                warnings.append(f'policy produced an invalid mixture {np.asarray(q).tolist()}; keeping the previous one')
+        try:
+            q = self.q if q is None else simplex(q, f'policy {self.name!r} mixture', tol=1e-6)
+            diagnostics['updated'] = q is not self.q
+        except ValueError as invalid:
+            warnings.append(f'{invalid}; keeping the previous one')
             q = self.q
-        else:
-            diagnostics['updated'] = True
-        self.q = np.asarray(q, dtype=np.float64) / np.sum(q)
+        self.q = np.asarray(q, dtype=np.float64)
         return self._finish(diagnostics, self.q)
 
     def _finish(self, diagnostics: dict[str, Any], q: np.ndarray) -> np.ndarray:
