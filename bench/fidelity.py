@@ -188,8 +188,9 @@ def run_stage(title: str, marker: Path, work_fn) -> dict[str, Any]:
 
 
 def launch(cmd: list[str], log_path: Path) -> None:
-    """Run one pipeline command (the demo's runner: streams progress, fails with the log's path)."""
-    run_logged(cmd, log_path)
+    """Run one pipeline command (the demo's runner: streams progress, fails with the log's path) in the
+    checkout, where the recipe paths (--prune-yaml, --continue-yaml) are relative to."""
+    run_logged(cmd, log_path, cwd=REPO)
 
 
 # -- measurements ----------------------------------------------------------------------------------------

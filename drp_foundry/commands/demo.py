@@ -80,14 +80,14 @@ def _stage(title: str) -> float:
     return time.time()
 
 
-def run_logged(cmd: list[str], log_path: Path) -> None:
-    """Run a stage's command, streaming its output to the console and to ``log_path``; Composer's
-    ``[batch=N/M]`` lines are shown as the step, the rate and the stage's ETA."""
+def run_logged(cmd: list[str], log_path: Path, cwd: Path | None = None) -> None:
+    """Run a stage's command (in ``cwd``, default the current folder), streaming its output to the console and
+    to ``log_path``; Composer's ``[batch=N/M]`` lines are shown as the step, the rate and the stage's ETA."""
     print('$ ' + ' '.join(cmd), flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     timer = StepTimer()
     with open(log_path, 'a') as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
