@@ -32,7 +32,7 @@ from drp_foundry.pruning.export import PruningReport, fold_and_slice
 from drp_foundry.pruning.importance import activation_importance, importance_masks
 from drp_foundry.pruning.layouts import get_layout
 
-__all__ = ['OneShotError', 'parse_target', 'calibration_sequences', 'oneshot_prune', 'prune_directory', 'main']
+__all__ = ['OneShotError', 'parse_target', 'calibration_sequences', 'oneshot_prune', 'prune_directory']
 
 REPORT_FILENAME = 'pruning_report.json'
 
