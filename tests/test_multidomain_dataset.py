@@ -6,7 +6,6 @@ import json
 import multiprocessing
 import os
 import socket
-import time
 import traceback
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 from streaming import MDSWriter, Stream
+from tagged_batches import read_tagged_batches
 from torch.utils.data import DataLoader
 
 from drp_foundry.data.domain_sampling import draw_domains
@@ -48,28 +48,8 @@ def make_dataset(root: Path, proportions=(0.5, 0.3, 0.2), batch_size=4, num_work
 
 
 def run(dataset, num_batches, num_workers=0, changes=None, context=None, settle_s=0.0, first_batch=0):
-    """Consume batches; ``changes[c] = q`` calls set_proportions(q, at_batch=c) once global batch c is next.
-
-    ``first_batch``: the global batch this loader starts at (a resumed run), like Composer's timestamp.
-
-    Returns (domain_idx, sample tag) per batch, as an int array (num_batches, B, 2).
-    """
-    changes = changes or {}
-    loader = DataLoader(dataset, batch_size=dataset.device_batch_size, num_workers=num_workers,
-                        prefetch_factor=2 if num_workers else None, persistent_workers=num_workers > 0,
-                        multiprocessing_context=context if num_workers else None)
-    out = []
-    iterator = iter(loader)
-    for c in range(first_batch, first_batch + num_batches):
-        if c in changes:
-            time.sleep(settle_s)  # let workers fill every prefetch slot first: the worst case
-            dataset.set_proportions(changes[c], at_batch=c)
-        batch = next(iterator)
-        tags = batch['input_ids'][:, 0]
-        assert torch.all(batch['input_ids'] == tags[:, None])
-        out.append(torch.stack([batch['domain_idx'], tags], dim=1).numpy())
-    del iterator
-    return np.stack(out)
+    """(domain_idx, sample tag) per batch, with persistent workers (``tagged_batches.read_tagged_batches``)."""
+    return read_tagged_batches(dataset, num_batches, num_workers, changes, context, settle_s, first_batch)
 
 
 def test_samples_are_valid_tokens_of_their_domain(data_root):

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from streaming import MDSWriter, Stream
-from torch.utils.data import DataLoader
+from tagged_batches import read_tagged_batches
 
 from drp_foundry.data.domain_sampling import ShardBlockOrder
 from drp_foundry.data.local_s3 import LocalS3
@@ -53,19 +52,9 @@ def remote_dataset(tmp_path: Path, cache: str, num_workers=0, batch_size=8, prop
 
 
 def run(dataset, num_batches, num_workers=0, first_batch=0, changes=None):
-    changes = changes or {}
-    loader = DataLoader(dataset, batch_size=dataset.device_batch_size, num_workers=num_workers,
-                        prefetch_factor=2 if num_workers else None, persistent_workers=False)
-    out, iterator = [], iter(loader)
-    for c in range(first_batch, first_batch + num_batches):
-        if c in changes:
-            dataset.set_proportions(changes[c], at_batch=c)
-        batch = next(iterator)
-        tags = batch['input_ids'][:, 0]
-        assert torch.all(batch['input_ids'] == tags[:, None])
-        out.append(torch.stack([batch['domain_idx'], tags], dim=1).numpy())
-    del iterator
-    return np.stack(out)
+    """(domain_idx, sample tag) per batch; workers are not kept between passes here."""
+    return read_tagged_batches(dataset, num_batches, num_workers, changes, first_batch=first_batch,
+                               persistent_workers=False)
 
 
 def shard_fetches(stats: dict, prefix: str) -> dict[str, int]:
