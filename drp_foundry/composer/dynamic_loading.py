@@ -27,6 +27,7 @@ resumed run makes the same updates as an uninterrupted one.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 import os
@@ -374,10 +375,15 @@ class DynamicLoading(Callback):
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """One JSON string: a sharded checkpoint (DCP) is loaded into the structure of the fresh run's state, which
+        has no trajectory and no fits yet, so nested values would not be found."""
         policy_state = self.policy.state_dict() if self.policy is not None else self._pending_state
-        return {'policy_state': policy_state, 'trajectory': [dict(point) for point in self.trajectory]}
+        return {'json': json.dumps({'policy_state': policy_state,
+                                    'trajectory': [dict(point) for point in self.trajectory]})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if 'json' in state:  # checkpoints before the JSON string hold the mapping itself
+            state = json.loads(state['json'])
         self.trajectory = [dict(point) for point in state.get('trajectory', [])]
         policy_state = state.get('policy_state')
         if policy_state is None:

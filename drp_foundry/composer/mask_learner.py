@@ -22,7 +22,17 @@ Ordering in Composer 0.32 ``Trainer.__init__`` (checked in composer/trainer/trai
    sees our groups; they then stay at their base lr.
 4. FSDP wraps the model (the masks are in the root unit; several param groups need
    ``use_orig_params: true``, checked at INIT) and rebuilds the param groups by name.
-   FSDP2 is refused at INIT (its unshard hook would run after our top-model pre-hook).
+   FSDP2 (Composer's ``FSDP2Config``: ``fsdp_config`` with env ``FSDP_VERSION=2``; the one
+   sharding that also runs on CPU with gloo) works as well: ``fully_shard`` registers its
+   unshard pre-hook with ``prepend=True``, so it runs before our top-model pre-hook whatever
+   the registration order, and the pre-hook reads full log-alphas. What FSDP2 changes: an
+   in-place clamp inside the forward touches only the gathered copy, so under FSDP2 the
+   sharded log-alphas are clamped at ``BATCH_START`` (element-wise, so clamping the shards
+   is clamping the whole); importance init writes the shards of the computed log-alphas.
+   Under FSDP2 the mask module is also its own ``fully_shard`` unit with a float32 policy
+   (``shard_mask_module``), sharded at INIT before Composer shards the model: the masks and
+   lambdas stay float32 in the forward and in the gradient reduction whatever
+   ``fsdp_config.mixed_precision`` casts the weights to.
    With Foundry's ``init_device: mixed`` the HF model is on the meta device on ranks > 0;
    the masks are then created on the CPU (FSDP moves them, ``sync_module_states``
    broadcasts rank 0's values).
@@ -31,7 +41,9 @@ Ordering in Composer 0.32 ``Trainer.__init__`` (checked in composer/trainer/trai
    so a resumed run continues exactly. The mask noise does not use the global RNG (Composer
    re-seeds it at start and restores it only at an epoch start): it is counter-based, seeded
    at INIT from ``rank_zero_seed`` and the rank, with the draw counter in the masks' extra
-   state, so a resumed run draws the noise of the uninterrupted one.
+   state, so a resumed run draws the noise of the uninterrupted one. ``mask_noise: shared``
+   (ours) draws rank 0's noise on every rank: one mask sample per microbatch index for the
+   whole global batch, so the run does not depend on how the batch is split over ranks.
 
 Every batch (``BATCH_END``) the algorithm logs through Composer's logger the expected kept
 fraction ``drp/expected_size/<granularity>`` (for head and intermediate: the mean over layers
@@ -58,7 +70,7 @@ from transformers import PreTrainedModel
 from drp_foundry.composer.hf_model import unwrap_hf_model
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
 from drp_foundry.pruning.expected_size import GRANULARITIES
-from drp_foundry.pruning.hf_injection import get_mask_module, inject_masks
+from drp_foundry.pruning.hf_injection import get_mask_module, inject_masks, shard_mask_module
 from drp_foundry.pruning.mask_module import EVAL_MODES, INIT_MODES, L0MaskModule
 
 log = logging.getLogger(__name__)
@@ -67,6 +79,14 @@ __all__ = ['MaskLearner', 'apply_mask_learner', 'find_hf_model', 'find_mask_modu
            'init_masks_from_importance', 'mask_metrics']
 
 GROUP_KEY = 'drp_group'  # marks our param groups: 'masks' or 'lambdas'
+MASK_NOISE_MODES = ('per_rank', 'shared')
+
+
+def is_fsdp2(state: State) -> bool:
+    """Whether the run shards with FSDP2 (Composer's ``FSDP2Config``), not FSDP (v1)."""
+    from composer.utils.parallelism import FSDP2Config
+
+    return isinstance(state.fsdp_config, FSDP2Config)
 
 
 def find_hf_model(model: torch.nn.Module) -> PreTrainedModel:
@@ -192,12 +212,16 @@ class MaskLearner(Algorithm):
             that the first deterministic masks are the importance top-k at the target; the
             Lagrangian target then starts at the target (no ramp).
         calibration_batches: batches scored for ``init: importance`` (default 4).
+        mask_noise: ``per_rank`` (default: every rank draws its own hard-concrete noise, as
+            each rank of the research code does) or ``shared`` (ours: every rank draws rank 0's
+            noise, so a run gives the same masks and losses whatever its rank count, for the
+            same global and microbatch split; used by the multi-rank tests).
     """
 
     def __init__(self, target: Mapping[str, Any], mask_lr: float = 1.0, lambda_lr: float = 1.0,
                  granularities: Sequence[str] = GRANULARITIES, init_mean: float = 5.0, init_std: float = 0.01,
                  eval_mask_mode: str = 'expected', mask_lr_follows_schedule: bool = True, init: str = 'constant',
-                 calibration_batches: int = 4):
+                 calibration_batches: int = 4, mask_noise: str = 'per_rank'):
         if isinstance(target, TargetArchitecture):
             target = target.to_dict()
         if not isinstance(target, Mapping):
@@ -228,10 +252,14 @@ class MaskLearner(Algorithm):
                              f'{calibration_batches!r}')
         self.init = init
         self.calibration_batches = calibration_batches
+        if mask_noise not in MASK_NOISE_MODES:
+            raise ValueError(f'drp_mask_learner.mask_noise must be one of {MASK_NOISE_MODES}, got {mask_noise!r}')
+        self.mask_noise = mask_noise
+        self._fsdp2 = False
 
     def match(self, event: Event, state: State) -> bool:
         if event == Event.BATCH_START:
-            return not self.mask_lr_follows_schedule
+            return not self.mask_lr_follows_schedule or self._fsdp2
         if event == Event.FIT_START:
             return self.init == 'importance'
         return event in (Event.INIT, Event.BATCH_END)
@@ -239,24 +267,31 @@ class MaskLearner(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             fsdp_config = state.fsdp_config
-            if type(fsdp_config).__name__ == 'FSDP2Config':
-                raise ValueError('drp_mask_learner supports FSDP (v1) only: under FSDP2 the masks would be read before '
-                                 'the root unshards; use fsdp_config without FSDP2 (use_orig_params: true)')
+            self._fsdp2 = is_fsdp2(state)
             if fsdp_config is not None and not getattr(fsdp_config, 'use_orig_params', True):
                 raise ValueError('drp_mask_learner adds optimizer param groups, which FSDP supports only with '
                                  'fsdp_config.use_orig_params: true')
             mask_module = apply_mask_learner(
-                state.model, self.target, optimizers=state.optimizers, mask_lr=self.mask_lr, lambda_lr=self.lambda_lr,
-                granularities=self.granularities, init_mean=self.init_mean, init_std=self.init_std,
-                eval_mask_mode=self.eval_mask_mode, key_prefix='drp_mask_learner.target', init=self.init)
+                state.model, self.target, optimizers=None if self._fsdp2 else state.optimizers, mask_lr=self.mask_lr,
+                lambda_lr=self.lambda_lr, granularities=self.granularities, init_mean=self.init_mean,
+                init_std=self.init_std, eval_mask_mode=self.eval_mask_mode, key_prefix='drp_mask_learner.target',
+                init=self.init)
+            if self._fsdp2:  # masks and lambdas: their own float32 unit, sharded before the optimizer takes them
+                shard_mask_module(mask_module, mesh=getattr(fsdp_config, 'device_mesh', None))
+                for optimizer in ensure_tuple(state.optimizers):
+                    add_mask_param_groups(optimizer, mask_module, self.mask_lr, self.lambda_lr)
             # noise seeded by the run, drawn per rank; a checkpoint load restores seed and counter
             mask_module.noise_seed = int(state.rank_zero_seed)
-            mask_module.noise_rank = dist.get_global_rank()
+            mask_module.noise_rank = 0 if self.mask_noise == 'shared' else dist.get_global_rank()
         elif event == Event.FIT_START:
             if int(state.timestamp.batch) > 0:  # resumed: the checkpoint's masks are the trained ones
                 return
             self._init_from_importance(state, logger)
         elif event == Event.BATCH_START:
+            if self._fsdp2:  # the forward's in-place clamp reaches only FSDP2's gathered copy: clamp the shards
+                find_mask_module(state.model).clamp_()
+            if self.mask_lr_follows_schedule:
+                return
             for optimizer in ensure_tuple(state.optimizers):
                 for group in optimizer.param_groups:
                     if group.get(GROUP_KEY) is not None:
@@ -274,7 +309,9 @@ class MaskLearner(Algorithm):
         if not batches:
             raise ValueError('drp_mask_learner.init: importance found no batch in the train dataloader')
         context = contextlib.nullcontext()
-        if state.fsdp_config is not None and dist.get_world_size() > 1:  # untested: no multi-rank FSDP here
+        if state.fsdp_config is not None and not is_fsdp2(state) and dist.get_world_size() > 1:
+            # FSDP (v1), untested (CUDA only); FSDP2 needs nothing: the scores come from forwards and the masks
+            # write their shards (L0MaskModule.init_from_importance)
             from torch.distributed.fsdp import FullyShardedDataParallel
             context = FullyShardedDataParallel.summon_full_params(state.model, writeback=True)
         with context:

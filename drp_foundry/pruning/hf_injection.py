@@ -30,6 +30,10 @@ refused at the first training forward when detected on the HF model.
 FSDP: the mask parameters live in the submodule ``drp_masks`` of the HF model, so they are
 sharded with the root unit and gathered before the top model's forward, where the pre-hook
 reads them. Multiple optimizer param groups under FSDP need ``use_orig_params=True``.
+FSDP2: ``shard_mask_module`` makes ``drp_masks`` its own ``fully_shard`` unit that gathers and
+reduces in float32 whatever the model's mixed-precision policy; its forward never runs, so the
+pre-hook gathers it (``unshard``) and, after a forward without gradients, frees it again; after
+a training forward FSDP2's end-of-backward callback reduce-scatters its gradients and frees it.
 
 Pure torch (+ transformers model classes): no Composer or LLM-Foundry import.
 """
@@ -47,7 +51,7 @@ from drp_foundry.pruning.layouts import DecoderLayout, NormForm, get_layout
 from drp_foundry.pruning.mask_module import L0MaskModule
 
 __all__ = ['MASK_MODULE_NAME', 'ForwardMasks', 'inject_masks', 'remove_masks', 'get_mask_module', 'decoder_layers',
-           'masked_rms_norm', 'masked_norm', 'layout_of']
+           'masked_rms_norm', 'masked_norm', 'layout_of', 'shard_mask_module']
 
 MASK_MODULE_NAME = 'drp_masks'
 _HANDLES_ATTR = '_drp_mask_hook_handles'
@@ -185,9 +189,14 @@ def inject_masks(hf_model: nn.Module, mask_module: L0MaskModule) -> None:
         if module.training and not getattr(module, _CHECKED_ATTR, False):
             _refuse_reentrant_checkpointing(module)
             setattr(module, _CHECKED_ATTR, True)
+        sharded = _is_fsdp2_unit(mask_module)
+        if sharded:  # its own FSDP2 unit (shard_mask_module): gather the float32 masks and lambdas
+            mask_module.unshard()
         mask_module.forward_masks = _prepare_forward_masks(mask_module, mask_module.masks_for_forward())
         if module.training and torch.is_grad_enabled():
-            mask_module.record_size_terms()
+            mask_module.record_size_terms()  # FSDP2 frees the gathered copy after the backward
+        elif sharded:
+            mask_module.reshard()  # no backward will: the masks above are computed tensors, not views
 
     handles.append(hf_model.register_forward_pre_hook(refresh_masks, with_kwargs=True))
 
@@ -209,6 +218,24 @@ def inject_masks(hf_model: nn.Module, mask_module: L0MaskModule) -> None:
         norm.forward = types.MethodType(_norm_forward(mask_module, layout.norm, layer_index), norm)
     setattr(hf_model, _HANDLES_ATTR, handles)
     setattr(hf_model, _SWAPPED_ATTR, [norm for norm, _, _ in swapped])
+
+
+def _is_fsdp2_unit(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def shard_mask_module(mask_module: L0MaskModule, mesh=None) -> None:
+    """FSDP2: ``fully_shard`` the (injected) mask module as its own unit, gathered and reduced in float32.
+
+    Call it before FSDP2 shards the model that holds it (``fully_shard`` then leaves its parameters
+    alone) and before an optimizer takes its parameters (they become DTensors).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    fully_shard(mask_module, mesh=mesh, reshard_after_forward=True,
+                mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
 
 
 def _hook_layer(layer: nn.Module, index: int, mask_module: L0MaskModule, layout: DecoderLayout) -> list:

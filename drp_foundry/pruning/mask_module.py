@@ -2,7 +2,7 @@
 
 One hard-concrete mask per enabled granularity (docs/DESIGN.md): ``layer (L,)``,
 ``head (L, G)`` (whole KV groups), ``intermediate (L, F)``, ``hidden (D,)``, with one
-pair of multipliers (lambda1, lambda2, start at 0) per granularity. Parameters are plain
+pair of multipliers (lambda1, lambda2, shape (1,), start at 0) per granularity. Parameters are plain
 attributes, so their state-dict names are ``log_alpha_<key>``, ``lambda_1_<key>`` and
 ``lambda_2_<key>`` (under ``model.drp_masks.`` in a Composer checkpoint). The extra state
 records the source and target architectures and the granularities: a checkpoint is
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -58,6 +59,17 @@ EXTRA_STATE_FORMAT = 'drp_foundry.l0_masks/1'
 # Which target field each granularity prunes (a target below the source needs that mask).
 _TARGET_FIELD = {key: fields[0] for key, fields in GRANULARITY_FIELDS.items()}
 _SOURCE_FIELD = {key: fields[1] for key, fields in GRANULARITY_FIELDS.items()}
+
+
+def _assign_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param.copy_(value)`` for a plain parameter or an FSDP2-sharded one (a DTensor: its shard of ``value``,
+    which must be the same on every rank)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                  src_data_rank=None)
+    param.copy_(value)
 
 
 def noise_key(seed: int, rank: int, draw: int) -> int:
@@ -104,10 +116,12 @@ class SizeTerms:
                    lambda_2={key: tensor(value) for key, value in values['lambda_2'].items()})
 
     def detached(self) -> 'SizeTerms':
-        return SizeTerms(expected={key: value.detach() for key, value in self.expected.items()},
-                         num_parameters=self.num_parameters.detach(),
-                         lambda_1={key: value.detach() for key, value in self.lambda_1.items()},
-                         lambda_2={key: value.detach() for key, value in self.lambda_2.items()})
+        """Copies without graph (copies: the lambdas are views of parameters, whose gathered storage FSDP2 frees
+        after the forward)."""
+        return SizeTerms(expected={key: value.detach().clone() for key, value in self.expected.items()},
+                         num_parameters=self.num_parameters.detach().clone(),
+                         lambda_1={key: value.detach().clone() for key, value in self.lambda_1.items()},
+                         lambda_2={key: value.detach().clone() for key, value in self.lambda_2.items()})
 
 
 _NOTHING_RECORDED = ('no size terms were recorded: they are taken in a training forward of the model carrying the '
@@ -162,8 +176,9 @@ class L0MaskModule(nn.Module):
         shapes = mask_shapes(source)
         for key in self.granularities:
             self.register_parameter(f'log_alpha_{key}', nn.Parameter(torch.empty(shapes[key])))
-            self.register_parameter(f'lambda_1_{key}', nn.Parameter(torch.zeros(())))
-            self.register_parameter(f'lambda_2_{key}', nn.Parameter(torch.zeros(())))
+            # shape (1,), not (): FSDP2 shards no scalar parameter (lambdas() hands out scalars)
+            self.register_parameter(f'lambda_1_{key}', nn.Parameter(torch.zeros(1)))
+            self.register_parameter(f'lambda_2_{key}', nn.Parameter(torch.zeros(1)))
         self.fixed_masks: dict[str, torch.Tensor] | None = None
         self.current_masks: dict[str, torch.Tensor] | None = None
         self.forward_masks: Any = None  # what the hooks of hf_injection read, set once per forward pass
@@ -248,13 +263,16 @@ class L0MaskModule(nn.Module):
         """Eval/export masks: soft scores on the kept entries, exact zeros elsewhere (no gradient).
 
         ``mode``: ``'target'`` (exact target counts; export) or ``'expected'``; None uses
-        ``eval_mode``. Cached until a log-alpha changes (tracked by tensor version counters).
+        ``eval_mode``. Cached while the log-alphas keep their values (compared by value: FSDP2
+        gathers into the same tensor without bumping its version counter).
         """
         mode = self.eval_mode if mode is None else mode
-        params = self.mask_parameters()
-        cache_key = (mode, tuple((id(p), p._version, p.device) for p in params))
-        if self._deterministic_cache is not None and self._deterministic_cache[0] == cache_key:
-            return self._deterministic_cache[1]
+        values = [p.detach() for p in self.mask_parameters()]
+        cached = self._deterministic_cache
+        if cached is not None and cached[0][0] == mode and len(cached[0][1]) == len(values) and all(
+                a.device == b.device and a.shape == b.shape and torch.equal(a, b) for a, b in zip(cached[0][1], values)):
+            return cached[1]
+        cache_key = (mode, [value.clone() for value in values])
         counts = self.keep_counts(mode)
         with torch.no_grad():
             masks = {key: hard_concrete.deterministic_mask(
@@ -307,15 +325,16 @@ class L0MaskModule(nn.Module):
             for key in self.granularities:
                 value = importance.importance_log_alpha(scores[key].to(self.log_alpha(key).device), counts[key],
                                                         pruned_keep_prob)
-                self.log_alpha(key).copy_(value)
+                _assign_(self.log_alpha(key), value)
         self._deterministic_cache = None
 
     def target_num_parameters(self) -> int:
         return self.source.pruned(self.target).count_parameters()
 
     def lambdas(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return ({key: self.lambda_1(key) for key in self.granularities},
-                {key: self.lambda_2(key) for key in self.granularities})
+        """The multipliers as scalars (views of the (1,)-shaped parameters: gradients reach them)."""
+        return ({key: self.lambda_1(key).reshape(()) for key in self.granularities},
+                {key: self.lambda_2(key).reshape(()) for key in self.granularities})
 
     def size_terms(self, detach: bool = False) -> SizeTerms:
         """The ``SizeTerms`` of the current parameters, read now (``detach``: without graph).
@@ -362,8 +381,18 @@ class L0MaskModule(nn.Module):
         return {'format': EXTRA_STATE_FORMAT, 'source': self.source.to_dict(), 'target': self.target.to_dict(),
                 'granularities': list(self.granularities), 'eval_mode': self.eval_mode, 'init': self.init,
                 'noise': {'seed': self.noise_seed, 'draws': self.noise_draws},
-                # so that a run resumed after its last step (an eval at FIT_END, no training forward) still has them
-                'last_size_terms': None if self._last_size_terms is None else self._last_size_terms.to_dict()}
+                # so that a run resumed after its last step (an eval at FIT_END, no training forward) still has them;
+                # a JSON string, so that the record has the same structure before the first forward as after it
+                # (a sharded checkpoint (DCP) is loaded into the structure of the fresh model's state)
+                'last_size_terms': json.dumps(None if self._last_size_terms is None else self._last_size_terms.to_dict())}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in self.granularities:  # checkpoints written before the lambdas became (1,) hold scalars
+            for name in (f'{prefix}lambda_1_{key}', f'{prefix}lambda_2_{key}'):
+                value = state_dict.get(name)
+                if isinstance(value, torch.Tensor) and value.dim() == 0:
+                    state_dict[name] = value.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get('format') != EXTRA_STATE_FORMAT:
@@ -379,8 +408,11 @@ class L0MaskModule(nn.Module):
         if noise is not None:
             self.noise_seed, self.noise_draws = int(noise['seed']), int(noise['draws'])
         self.init = state.get('init', 'constant')  # where the target ramp started is the checkpoint's
-        if state.get('last_size_terms') is not None:  # absent in checkpoints written before SizeTerms
-            self._last_size_terms = SizeTerms.from_dict(state['last_size_terms'])
+        last = state.get('last_size_terms')  # absent before SizeTerms; a mapping in checkpoints before the JSON string
+        if isinstance(last, (str, bytes)):
+            last = json.loads(last)
+        if last is not None:
+            self._last_size_terms = SizeTerms.from_dict(last)
 
     @classmethod
     def from_extra_state(cls, state: Mapping[str, Any], **kwargs: Any) -> 'L0MaskModule':
