@@ -114,16 +114,15 @@ def test_bad_target_fails_at_trainer_init_before_training():
         make_trainer(tiny_gqa_config(), {**GQA_TARGET, 'heads': 4}, steps=2)
 
 
-@pytest.mark.parametrize('fsdp', ['fsdp2', 'no_orig_params'])
-def test_unsupported_fsdp_settings_fail_at_init(fsdp):
+def test_fsdp_without_orig_params_fails_at_init():
+    """(FSDP2 is supported: tests/test_sharded_training.py.)"""
     from types import SimpleNamespace
 
-    from composer.utils.parallelism import FSDP2Config, FSDPConfig
+    from composer.utils.parallelism import FSDPConfig
 
-    config = FSDP2Config() if fsdp == 'fsdp2' else FSDPConfig(use_orig_params=False)
     model = AutoModelForCausalLM.from_config(tiny_llama_config())
-    state = SimpleNamespace(fsdp_config=config, model=model, optimizers=())
-    with pytest.raises(ValueError, match='FSDP2' if fsdp == 'fsdp2' else 'use_orig_params: true'):
+    state = SimpleNamespace(fsdp_config=FSDPConfig(use_orig_params=False), model=model, optimizers=())
+    with pytest.raises(ValueError, match='use_orig_params: true'):
         MaskLearner(LLAMA_TARGET).apply(Event.INIT, state, logger=None)
 
 
