@@ -150,3 +150,21 @@ def test_eval_masks_follow_values_changed_behind_the_version_counter():
     second = masks.deterministic('target')['hidden']
     assert not torch.equal(first, second)
     assert torch.equal(second != 0, torch.arange(log_alpha.numel()) >= log_alpha.numel() - TARGET.hidden)
+
+
+def test_scalar_lambda_optimizer_state_of_older_checkpoints_is_reshaped():
+    from drp_foundry.composer.mask_learner import add_mask_param_groups, reshape_scalar_lambda_state
+
+    model = _tiny_llama()
+    masks = _masks(model)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    add_mask_param_groups(optimizer, masks, mask_lr=0.1, lambda_lr=0.1)
+    lam = masks.lambda_1('hidden')
+    optimizer.state[lam] = {'step': torch.tensor(3.0), 'exp_avg': torch.tensor(0.1), 'exp_avg_sq': torch.tensor(0.01)}
+    lam.grad = torch.ones(1)
+    with pytest.raises(RuntimeError):  # what resuming such a checkpoint did
+        optimizer.step()
+    optimizer.state[lam] = {'step': torch.tensor(3.0), 'exp_avg': torch.tensor(0.1), 'exp_avg_sq': torch.tensor(0.01)}
+    assert reshape_scalar_lambda_state(optimizer) == 2
+    optimizer.step()
+    assert optimizer.state[lam]['exp_avg'].shape == (1,) and optimizer.state[lam]['step'].shape == ()

@@ -76,6 +76,7 @@ from drp_foundry.pruning.mask_module import EVAL_MODES, INIT_MODES, L0MaskModule
 log = logging.getLogger(__name__)
 
 __all__ = ['MaskLearner', 'apply_mask_learner', 'find_hf_model', 'find_mask_module', 'add_mask_param_groups',
+           'reshape_scalar_lambda_state',
            'init_masks_from_importance', 'mask_metrics']
 
 GROUP_KEY = 'drp_group'  # marks our param groups: 'masks' or 'lambdas'
@@ -119,6 +120,25 @@ def add_mask_param_groups(optimizer: torch.optim.Optimizer, mask_module: L0MaskM
                              ('lambdas', mask_module.lambda_parameters(), lambda_lr)):
         optimizer.add_param_group({'params': params, 'lr': lr, 'initial_lr': lr, 'weight_decay': 0.0,
                                    GROUP_KEY: name})
+
+
+def reshape_scalar_lambda_state(optimizer: torch.optim.Optimizer) -> int:
+    """Give the optimizer state of the lambda group the (1,) shape of its parameters; returns how many tensors changed.
+
+    Checkpoints written while the lambdas were scalars hold scalar moments (e.g. Adam's ``exp_avg``) that an
+    update of a (1,) parameter cannot write into; ``step`` counters stay scalars.
+    """
+    changed = 0
+    for group in optimizer.param_groups:
+        if group.get(GROUP_KEY) != 'lambdas':
+            continue
+        for param in group['params']:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if key != 'step' and isinstance(value, torch.Tensor) and value.dim() == 0 and param.dim() == 1:
+                    state[key] = value.reshape(1)
+                    changed += 1
+    return changed
 
 
 def apply_mask_learner(model: torch.nn.Module, target: Union[TargetArchitecture, Mapping[str, Any]],
@@ -262,7 +282,7 @@ class MaskLearner(Algorithm):
             return not self.mask_lr_follows_schedule or self._fsdp2
         if event == Event.FIT_START:
             return self.init == 'importance'
-        return event in (Event.INIT, Event.BATCH_END)
+        return event in (Event.INIT, Event.AFTER_LOAD, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -283,6 +303,9 @@ class MaskLearner(Algorithm):
             # noise seeded by the run, drawn per rank; a checkpoint load restores seed and counter
             mask_module.noise_seed = int(state.rank_zero_seed)
             mask_module.noise_rank = 0 if self.mask_noise == 'shared' else dist.get_global_rank()
+        elif event == Event.AFTER_LOAD:
+            for optimizer in ensure_tuple(state.optimizers):
+                reshape_scalar_lambda_state(optimizer)
         elif event == Event.FIT_START:
             if int(state.timestamp.batch) > 0:  # resumed: the checkpoint's masks are the trained ones
                 return
