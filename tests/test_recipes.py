@@ -321,6 +321,17 @@ def test_fsdp_settings_suit_the_masks(built):
         if fsdp.get('activation_checkpointing'):
             # Composer's default is reentrant, which the mask hooks cannot use
             assert fsdp.get('activation_checkpointing_reentrant') is False
+    # FSDP_VERSION=2 turns the same block into an FSDP2 config (v1-only keys dropped with a warning) that keeps the
+    # sharded checkpoints and the activation checkpointing
+    import warnings
+
+    from composer.utils.parallelism import FSDP2Config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        fsdp2 = FSDP2Config.from_compatible_attrs(dict(fsdp))
+    assert fsdp2.state_dict_type == fsdp.get('state_dict_type', 'sharded')
+    assert fsdp2.activation_checkpointing == bool(fsdp.get('activation_checkpointing', False))
 
 
 def test_multilingual_ratio_is_the_temperature_smoothed_data_size(built):
