@@ -168,3 +168,20 @@ def test_scalar_lambda_optimizer_state_of_older_checkpoints_is_reshaped():
     assert reshape_scalar_lambda_state(optimizer) == 2
     optimizer.step()
     assert optimizer.state[lam]['exp_avg'].shape == (1,) and optimizer.state[lam]['step'].shape == ()
+
+
+def test_importance_init_writes_the_shards_of_an_fsdp2_mask_module(gloo_world_of_one):
+    """``init: importance`` under FSDP2: the log-alphas computed from the scores land in the DTensor shards."""
+    from torch.distributed.tensor import DTensor
+
+    model = _tiny_llama()
+    plain, sharded = _masks(model), _masks(model)
+    inject_masks(model, sharded)
+    shard_mask_module(sharded)
+    torch.manual_seed(1)
+    scores = {key: torch.rand(plain.log_alpha(key).shape) for key in plain.granularities}
+    plain.init_from_importance(scores)
+    sharded.init_from_importance(scores)
+    for key in plain.granularities:
+        assert isinstance(sharded.log_alpha(key), DTensor)
+        assert torch.equal(sharded.log_alpha(key).full_tensor(), plain.log_alpha(key).detach())
