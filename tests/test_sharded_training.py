@@ -1,13 +1,15 @@
 """Sharded pruning runs on two CPU ranks (gloo): DDP and FSDP2 (issue 16).
 
 The runs (tests/sharded_harness.py): a tiny GQA Llama (3 layers, hidden 64, 4 query / 2 KV
-heads) pruned to 2 / 48 / 2 over 1 / 64 with masks + Lagrangian, ``drp_multidomain`` with one
-worker and the drpruning policy, a scheduler update every 2 of 8 batches of 4 sequences.
+heads) pruned to 2 / 48 / 2 over 1 / 64 with masks + Lagrangian + distillation from a random
+teacher, ``drp_multidomain`` with one worker and the drpruning policy, a scheduler update every
+2 of 8 batches of 4 sequences, no gradient clipping (under FSDP2 Composer's clipping changes the
+updates once it clips: README, "Sharded training").
 Every rank draws rank 0's mask noise (``mask_noise: shared``) and holds one microbatch of 2,
 the 1-rank reference one microbatch of 4: both runs see the same masks on the same global
 batch, so their losses may differ only by floating-point summation order (the ranks' losses
 are averaged, the gradients all-reduced). Tolerance: relative 1e-5 on the loss; measured
-differences are below 2e-7 (fp32 rounding), while any real mismatch (another batch, other
+differences are below 1e-6 (fp32 rounding), while any real mismatch (another batch, other
 masks, a gradient not reduced) moves the loss by 1e-3 or more from the first batch on.
 
 One module fixture builds the data and runs the 1-rank reference once; each test runs its
@@ -87,16 +89,20 @@ def _check_probe_close(records, reference_dir):
     not compared: that fit passes three points through a power law whose excess losses are ~1e-3, so eval
     losses that differ by 1e-6 (the order of a sum) give a visibly different mixture (measured: 0.456 vs 0.307
     for the first domain). The mixture moves the data from FIRST_FIT + lag (2) = batch 8 on, after the last
-    compared loss."""
+    compared loss. Before the fit the mixture follows the eval losses with a gain: 1e-4. Single log-alphas
+    only to 1e-2: Adam divides each entry's step by its gradient's running scale, so an entry whose gradient
+    is near 0 moves by up to the mask lr (0.1) on a sign that rounding decides (measured with distillation:
+    5e-3); the expected parameter count, a sum over all entries, to 2e-5 relative (measured: 3e-6 under
+    FSDP2)."""
     single = probe_records(reference_dir, 0)
     for step in UPDATES:
-        assert records[step]['expected_params'] == pytest.approx(single[step]['expected_params'], rel=1e-6)
+        assert records[step]['expected_params'] == pytest.approx(single[step]['expected_params'], rel=2e-5)
         for key in ('mixture', 'reference_ratio') if step < FIRST_FIT else ():
-            assert records[step][key] == pytest.approx(single[step][key], abs=1e-5), (step, key)
+            assert records[step][key] == pytest.approx(single[step][key], abs=1e-4), (step, key)
         for key, values in records[step]['lambda'].items():
             assert values == pytest.approx(single[step]['lambda'][key], abs=1e-5), (step, key)
         for key, values in records[step]['log_alpha'].items():
-            assert values == pytest.approx(single[step]['log_alpha'][key], abs=1e-4), (step, key)
+            assert values == pytest.approx(single[step]['log_alpha'][key], abs=1e-2), (step, key)
 
 
 @pytest.mark.slow

@@ -23,8 +23,9 @@ a Hugging Face directory, normally the source model that is pruned:
   ``fsdp_config``, the teacher is wrapped in its own ``FullyShardedDataParallel`` (FULL_SHARD,
   one unit per decoder layer), so each rank holds 1/N of its weights and gathers one layer at a
   time; every rank runs the teacher forward on its own microbatch in lockstep, as FSDP needs.
-  Tested here on CPU only with one process: the multi-rank wrapping path has not been run (no
-  GPU or multi-process FSDP test in this repository for it).
+  Not run: FSDP (v1) needs CUDA. Under FSDP2 the teacher stays whole on every rank, as under
+  DDP (2 CPU ranks in tests/test_sharded_training.py); sharding it with ``fully_shard`` is
+  left for later.
 """
 
 from __future__ import annotations
@@ -131,8 +132,11 @@ class Distillation(Algorithm):
         reference = next(state.model.parameters())
         device = reference.device if reference.device.type != 'meta' else state.device._device
         self.teacher.to(device=device, dtype=reference.dtype)
-        if state.fsdp_config is not None and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
+        from composer.utils.parallelism import FSDP2Config
+
+        # FSDP (v1): the teacher sharded too (untested, CUDA only). FSDP2: the teacher whole on every rank, as under DDP
+        if state.fsdp_config is not None and not isinstance(state.fsdp_config, FSDP2Config) and \
+                torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             self.teacher = _shard_teacher(self.teacher, device)
         self.teacher.eval()
 
