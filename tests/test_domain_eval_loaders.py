@@ -165,5 +165,8 @@ def test_stock_foundry_train_entry_evaluates_every_domain(data_root, tiny_tokeni
     assert f"LABELS {[f'eval/{d}' for d in DOMAINS]}" in log
     for domain in DOMAINS:
         assert f'metrics/eval/{domain}/LanguageCrossEntropy' in log
-    # only the transform module was imported (through the entry point); no other drp_foundry code ran
-    assert "DRP_MODULES ['drp_foundry', 'drp_foundry.composer', 'drp_foundry.composer.domain_eval_loaders']" in log
+    # only the transform module (through the entry point) and the pure domain-name check it shares with the
+    # dataset's validation were imported; no other drp_foundry code ran (no pruning, scheduler or callbacks)
+    expected = ['drp_foundry', 'drp_foundry.composer', 'drp_foundry.composer.domain_eval_loaders', 'drp_foundry.data',
+                'drp_foundry.data.multidomain_config', 'drp_foundry.mixtures']
+    assert f'DRP_MODULES {expected}' in log
