@@ -138,6 +138,7 @@ class Run:
         self.key, self.eval_sets, self.log, self.plot_samples = key, eval_sets, log, plot_samples
         self.tokens = 0
         self.started = time.time()
+        self.cpu_started = time.process_time()  # CPU seconds of this process: unlike wall time, not inflated by load
         self.history: list[dict] = []
 
     def record(self, model, stage: str, final: bool = False):
@@ -259,19 +260,21 @@ def run_path(key: str, args, source_dir: Path, batches, calibration, eval_sets, 
     params = sum(p.numel() for p in model.parameters())
     return {'key': key, 'name': PATHS[key], 'tokens': run.tokens, 'prune_tokens': prune_steps * batches[0].numel(),
             'final': final, 'mean': sum(final.values()) / len(final), 'worst': max(final.values()),
-            'wall_s': round(time.time() - run.started, 1), 'params': params, 'history': run.history}
+            'wall_s': round(time.time() - run.started, 1), 'cpu_s': round(time.process_time() - run.cpu_started, 1),
+            'params': params, 'history': run.history}
 
 
 # --- report --------------------------------------------------------------------------------
 
 def table(results: list[dict], source: dict[str, float]) -> str:
-    head = '| path | ' + ' | '.join(DOMAINS) + ' | mean | worst | tokens | wall (s) | load |'
-    lines = [head, '|' + '---|' * (len(DOMAINS) + 6)]
+    head = '| path | ' + ' | '.join(DOMAINS) + ' | mean | worst | tokens | wall (s) | CPU (s) | load |'
+    lines = [head, '|' + '---|' * (len(DOMAINS) + 7)]
     lines.append('| source SmolLM2-135M (134.5M) | ' + ' | '.join(f'{source[d]:.3f}' for d in DOMAINS)
-                 + f' | {sum(source.values()) / len(source):.3f} | {max(source.values()):.3f} | - | - | - |')
+                 + f' | {sum(source.values()) / len(source):.3f} | {max(source.values()):.3f} | - | - | - | - |')
     for r in results:
         lines.append(f'| ({r["key"]}) {r["name"]} | ' + ' | '.join(f'{r["final"][d]:.3f}' for d in DOMAINS)
                      + f' | **{r["mean"]:.3f}** | {r["worst"]:.3f} | {r["tokens"]:,} | {r["wall_s"]:.0f} | '
+                     + (f'{r["cpu_s"]:.0f}' if 'cpu_s' in r else 'not recorded') + ' | '
                      + ' / '.join(f'{x:.1f}' for x in r.get('load_average', [])) + ' |')
     return '\n'.join(lines)
 
@@ -328,7 +331,8 @@ def report(args, parser, results, source_losses, png, out_json, tokens, steps, s
             f'nats/token, of the exported dense model (plot points: the first {args.plot_eval_samples} samples per '
             f'domain, bf16). One seed ({args.seed}). Wall time per path on a '
             f'{os.cpu_count()}-core CPU machine; "load" is the 1-minute load average at the start / end of the '
-            f'path (above {args.threads} means other work shared the cores).', '',
+            f'path (above {args.threads} means other work shared the cores); "CPU" is the CPU time of the path\'s '
+            f'process (recorded since this column was added), the cost figure that load does not inflate.', '',
             table(results, source_losses), '']
     for r in results:
         exported = [h for h in r['history'] if h['stage'] == 'exported']
