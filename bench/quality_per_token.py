@@ -24,7 +24,8 @@ weight decay, gradient clipping 1.0, linear warm-up then cosine to 10% in every 
 is scored on the demo's per-domain eval split (16 x 128 tokens per domain) with the exported /
 trained dense model, fp32, at a few points along the way (the plot) and at the end (the table).
 
-Writes ``--work``/quality_per_token.json (every eval), ``.png`` (mean eval loss vs tokens) and
+Writes ``--work``/quality_per_token.json (every eval), quality_per_token.png (mean eval loss vs
+tokens; beside docs/RESULTS.md, or in ``--work`` with ``--results ''``) and
 its section of docs/RESULTS.md. The last line printed is the summary figure (the best path's
 final mean eval loss).
 """
@@ -319,8 +320,8 @@ def report(args, parser, results, source_losses, png, out_json, tokens, steps, s
                + ''.join(f' --{k.replace("_", "-")} {v}' for k, v in vars(args).items()
                          if k in ('tokens', 'threads', 'prune_fraction', 'lr') and v != parser.get_default(k)))
     body = ['## Quality per token (`bench/quality_per_token.py`)', '',
-            f'`{command}` (plot: `{png.relative_to(REPO) if png.is_relative_to(REPO) else png}`, every eval: '
-            f'`{out_json.name}`).', '',
+            f'`{command}` (every eval: `{args.work}/{out_json.name}`).', '',
+            f'![mean eval loss vs training tokens, every path]({png.name})', '',
             f'SmolLM2-135M -> 20 layers / hidden 384 / 6q-2kv heads / FFN 1024 (50,347,392 parameters). '
             f'Every path: {tokens:,} training tokens ({steps} steps x {args.batch_size} x {args.seq_len}; the demo '
             f'uses 51,200), the same batches in the same order (paper RedPajama proportions, constant mixture, '
@@ -411,7 +412,8 @@ def main(argv=None) -> int:
     log(f'source mean {sum(source_losses.values()) / len(source_losses):.3f}')
 
     out_json = work / 'quality_per_token.json'
-    png = work / 'quality_per_token.png'
+    # the plot sits beside the results page it belongs to (committed with it), else in WORK
+    png = (Path(args.results).resolve().parent if args.results else work) / 'quality_per_token.png'
     store = work / 'paths'
     store.mkdir(exist_ok=True)
     settings = path_settings(args)
