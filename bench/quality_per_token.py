@@ -63,6 +63,7 @@ PATHS = {
     'e': 'random init, same arch',
 }
 SECTION = 'quality_per_token'
+DEMO_TOKENS = 200 * 4 * 128  # the default `make demo`: 200 continued-pretraining steps, batch 4, 128 tokens
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -323,8 +324,8 @@ def report(args, parser, results, source_losses, png, out_json, tokens, steps, s
             f'`{command}` (every eval: `{args.work}/{out_json.name}`).', '',
             f'![mean eval loss vs training tokens, every path]({png.name})', '',
             f'SmolLM2-135M -> 20 layers / hidden 384 / 6q-2kv heads / FFN 1024 (50,347,392 parameters). '
-            f'Every path: {tokens:,} training tokens ({steps} steps x {args.batch_size} x {args.seq_len}; the demo '
-            f'uses 51,200), the same batches in the same order (paper RedPajama proportions, constant mixture, '
+            f'Every path: {tokens:,} training tokens ({steps} steps x {args.batch_size} x {args.seq_len}; '
+            f'{tokens / DEMO_TOKENS:.0f}x the {DEMO_TOKENS:,} of `make demo`: 200 continued steps x 4 x 128), the same batches in the same order (paper RedPajama proportions, constant mixture, '
             f'no data scheduler), bf16 autocast on CPU, torch threads {args.threads}, model lr {args.lr} '
             f'((e): {args.random_lr}), mask/lambda lr {args.mask_lr}/{args.lambda_lr}, distillation alpha '
             f'{args.alpha}, T {args.temperature}; (a)-(c) prune on {args.prune_fraction:.0%} of the tokens. '
@@ -344,7 +345,8 @@ def report(args, parser, results, source_losses, png, out_json, tokens, steps, s
     missing = [f'({key}) {PATHS[key]}' for key in PATHS if key not in {r['key'] for r in results}]
     if missing:
         body.append(f'- **not finished** when this section was written: {", ".join(missing)}')
-    body.append(f'- wall time so far {time.time() - started:.0f}s (data, source eval, paths above)')
+    body.append(f'- this command ran {time.time() - started:.0f}s (data check, source eval, the paths it trained; '
+                f'stored paths are reused)')
     if args.results:
         write_section(Path(args.results), '\n'.join(body))
 
