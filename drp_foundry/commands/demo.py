@@ -42,8 +42,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,21 +85,45 @@ def _stage(title: str) -> float:
 
 def run_logged(cmd: list[str], log_path: Path, cwd: Path | None = None) -> None:
     """Run a stage's command (in ``cwd``, default the current folder), streaming its output to the console and
-    to ``log_path``; Composer's ``[batch=N/M]`` lines are shown as the step, the rate and the stage's ETA."""
+    to ``log_path``; Composer's ``[batch=N/M]`` lines are shown as the step, the rate and the stage's ETA.
+
+    A SIGTERM to the demo is passed on to the stage (Composer's launcher stops its ranks), so stopping
+    the demo leaves no training process behind; rerunning the demo resumes from the last checkpoint.
+    """
     print('$ ' + ' '.join(cmd), flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     timer = StepTimer()
+    stopped_by: list[int] = []
     with open(log_path, 'a') as log:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            if (batch := parse_batch_line(line)) is not None:
-                timer.update(*batch)
-                print(f'  {timer.describe()}', flush=True)
-            elif _worth_showing(line):
-                print('  ' + line.rstrip(), flush=True)
-        if proc.wait() != 0:
+
+        def pass_on(signum, frame):
+            stopped_by.append(signum)
+            proc.send_signal(signum)
+
+        in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
+        previous = signal.signal(signal.SIGTERM, pass_on) if in_main_thread else None
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                if (batch := parse_batch_line(line)) is not None:
+                    timer.update(*batch)
+                    print(f'  {timer.describe()}', flush=True)
+                elif _worth_showing(line):
+                    print('  ' + line.rstrip(), flush=True)
+            try:
+                proc.wait(timeout=60 if stopped_by else None)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        if stopped_by:
+            raise SystemExit(f'stopped by {signal.Signals(stopped_by[0]).name} during: {" ".join(cmd)}\n'
+                             f'rerun the demo to resume (training stages resume from their last checkpoint)')
+        if proc.returncode != 0:
             raise SystemExit(f'stage failed (exit {proc.returncode}): {" ".join(cmd)}\nfull log: {log_path}')
 
 
