@@ -70,10 +70,10 @@ def write_config(path: Path, data_root: Path, model_dir: Path, run_dir: Path, mo
     cfg['callbacks']['drp_test_rank_probe'] = {'folder': str(run_dir / 'probe')}  # after drp_dynamic_loading
     cfg.update(max_duration=f'{STEPS}ba', device_train_microbatch_size=4 // ranks, autoresume=False)
     if mode == 'fsdp2':
-        # FSDP2 applies activation checkpointing non-reentrant (the masks' hooks need that) and ignores the v1 key
-        # activation_checkpointing_reentrant, which train.py's config check asks for whenever checkpointing is on
+        # FSDP2 applies activation checkpointing non-reentrant (the masks' hooks need that); the config check
+        # asks for no v1 activation_checkpointing_reentrant key under FSDP_VERSION=2
         cfg['fsdp_config'] = {'state_dict_type': 'sharded', 'reshard_after_forward': True,
-                              'activation_checkpointing': True, 'activation_checkpointing_reentrant': False}
+                              'activation_checkpointing': True}
     if load_path is not None:
         cfg['load_path'] = str(load_path)
     path.write_text(json.dumps(cfg, indent=1))

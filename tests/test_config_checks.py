@@ -139,6 +139,12 @@ def test_pruning_with_reentrant_activation_checkpointing_is_refused(prune_data_r
                                   'fsdp_config.activation_checkpointing_reentrant=false'))
 
 
+def test_fsdp2_checkpointing_needs_no_reentrant_key(prune_data_root, monkeypatch):
+    """Composer's FSDP2 always checkpoints non-reentrant and ignores the v1 key: nothing to ask for."""
+    monkeypatch.setenv('FSDP_VERSION', '2')
+    check_train_config(_prune_cfg(prune_data_root, 'fsdp_config.activation_checkpointing=true'))
+
+
 def test_a_resaved_copy_of_the_data_tokenizer_is_accepted(data_root, tmp_path):
     """An export re-saves the tokenizer (other file bytes); the check compares vocabulary, merges and EOS."""
     from transformers import AutoTokenizer

@@ -133,9 +133,15 @@ def _check_loader(where: str, loader: DictConfig) -> None:
 
 
 def _check_pruning_with_fsdp(cfg: DictConfig) -> None:
-    """The mask hooks need non-reentrant activation checkpointing (Composer's FSDP default is reentrant)."""
+    """The mask hooks need non-reentrant activation checkpointing (Composer's FSDP v1 default is reentrant).
+
+    FSDP2 (env ``FSDP_VERSION=2``) always checkpoints non-reentrant and drops the v1 key, so it is
+    not asked for there.
+    """
     algorithms = cfg.get('algorithms') or {}
     fsdp = cfg.get('fsdp_config') or {}
+    if os.environ.get('FSDP_VERSION', '1') == '2':
+        return
     if 'drp_mask_learner' in algorithms and fsdp.get('activation_checkpointing', False):
         if fsdp.get('activation_checkpointing_reentrant', True):
             raise ConfigError('fsdp_config.activation_checkpointing_reentrant: set it to false with drp_mask_learner; '
