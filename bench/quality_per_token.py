@@ -64,6 +64,7 @@ PATHS = {
 }
 SECTION = 'quality_per_token'
 DEMO_TOKENS = 200 * 4 * 128  # the default `make demo`: 200 continued-pretraining steps, batch 4, 128 tokens
+ISSUE_DEMO_TOKENS = (60 + 40) * 4 * 128  # the demo when issue 14 set the budget: 60 pruning + 40 continued steps
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -325,7 +326,8 @@ def report(args, parser, results, source_losses, png, out_json, tokens, steps, s
             f'![mean eval loss vs training tokens, every path]({png.name})', '',
             f'SmolLM2-135M -> 20 layers / hidden 384 / 6q-2kv heads / FFN 1024 (50,347,392 parameters). '
             f'Every path: {tokens:,} training tokens ({steps} steps x {args.batch_size} x {args.seq_len}; '
-            f'{tokens / DEMO_TOKENS:.0f}x the {DEMO_TOKENS:,} of `make demo`: 200 continued steps x 4 x 128), the same batches in the same order (paper RedPajama proportions, constant mixture, '
+            f'{tokens / DEMO_TOKENS:.0f}x the {DEMO_TOKENS:,} of `make demo`: 200 continued steps x 4 x 128; '
+            f'{tokens / ISSUE_DEMO_TOKENS:.0f}x the {ISSUE_DEMO_TOKENS:,} of the demo when this study was set up), the same batches in the same order (paper RedPajama proportions, constant mixture, '
             f'no data scheduler), bf16 autocast on CPU, torch threads {args.threads}, model lr {args.lr} '
             f'((e): {args.random_lr}), mask/lambda lr {args.mask_lr}/{args.lambda_lr}, distillation alpha '
             f'{args.alpha}, T {args.temperature}; (a)-(c) prune on {args.prune_fraction:.0%} of the tokens. '
@@ -356,7 +358,8 @@ def main(argv=None) -> int:
     parser.add_argument('--corpus', required=True, help='folder of <domain>.jsonl (the demo corpus)')
     parser.add_argument('--source', default=str(REPO / 'models' / 'smollm2-135m'))
     parser.add_argument('--work', default='runs/qpt')
-    parser.add_argument('--tokens', type=int, default=204_800, help='training tokens per path (4x the demo\'s 51,200)')
+    parser.add_argument('--tokens', type=int, default=204_800, help='training tokens per path (default: 4x the 51,200 of the demo when issue 14 was '
+                             'filed; 2x the 102,400 of the demo now)')
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--seq-len', type=int, default=128)
     parser.add_argument('--prune-fraction', type=float, default=0.2, help='share of the tokens spent pruning (a-c)')
