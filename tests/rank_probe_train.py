@@ -58,6 +58,18 @@ class RankProbe(Callback):
 
     def fit_end(self, state: State, logger: Logger) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.tensor import DTensor
+
+        from drp_foundry.composer.distillation import Distillation
+
+        teacher = next((a.teacher for a in state.algorithms if isinstance(a, Distillation)), None)
+        if teacher is not None:  # how much of the teacher this rank holds
+            self.folder.mkdir(parents=True, exist_ok=True)
+            params = list(teacher.parameters())
+            (self.folder / f'teacher_rank{dist.get_global_rank()}.json').write_text(json.dumps({
+                'local': sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params),
+                'total': sum(p.numel() for p in params),
+                'sharded': sum(isinstance(p, DTensor) for p in params), 'tensors': len(params)}))
 
         if state.fsdp_config is not None:
             model_state = get_model_state_dict(state.model, options=StateDictOptions(full_state_dict=True,

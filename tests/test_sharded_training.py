@@ -113,6 +113,7 @@ def test_ddp_two_ranks(reference):
     records = _check_ranks_agree(full['run_dir'])
     worst = _check_losses_match(full['run_dir'], reference['run_dir'])
     _check_probe_close(records, reference['run_dir'])
+    assert all(h['local'] == h['total'] and h['sharded'] == 0 for h in _teacher_holdings(full['run_dir']))  # whole
     # the export of the 2-rank run is the 1-rank run's model
     _, report = _export(checkpoint_path(full['run_dir'], 'ddp', STEPS), work / 'export-ddp')
     _, single_report = _export(checkpoint_path(reference['run_dir'], 'ddp', STEPS),
@@ -120,6 +121,11 @@ def test_ddp_two_ranks(reference):
     assert report == single_report  # the same kept layers, hidden dims and sizes
     _weights_close(work / 'export-ddp', work / 'export-single')
     print(f'DDP: worst relative loss difference to 1 rank {worst:.1e}; wall {WALL}')
+
+
+def _teacher_holdings(run_dir):
+    """Per rank: how many of the distillation teacher's parameters it holds (``local``) of ``total``."""
+    return [json.loads((run_dir / 'probe' / f'teacher_rank{rank}.json').read_text()) for rank in (0, 1)]
 
 
 def _weights_close(a, b):
@@ -143,6 +149,11 @@ def test_fsdp2_two_ranks(reference):
     records = _check_ranks_agree(full['run_dir'])
     worst = _check_losses_match(full['run_dir'], reference['run_dir'])
     _check_probe_close(records, reference['run_dir'])
+    # the distillation teacher is sharded like the student: every tensor a DTensor, each rank holds half
+    holdings = _teacher_holdings(full['run_dir'])
+    assert all(h['sharded'] == h['tensors'] for h in holdings)
+    assert sum(h['local'] for h in holdings) == holdings[0]['total']
+    assert all(h['local'] <= 0.51 * h['total'] for h in holdings), holdings
 
     # resumed from the sharded checkpoint of batch RESUME_FROM: continues as the uninterrupted run
     resumed = train(work, reference['data'], reference['model_dir'], 'fsdp2-resumed', 'fsdp2', 2,

@@ -19,13 +19,14 @@ a Hugging Face directory, normally the source model that is pruned:
   penalty of ``drp_lagrangian``) are left as they are, whatever the algorithm order.
   ``alpha: 0`` gives bitwise the plain run (the KL is still computed and logged).
 - Logged every batch: ``drp/distillation/kl`` and ``drp/distillation/lm_loss`` (last microbatch).
-- FSDP: when ``torch.distributed`` runs with more than one rank and the run has an
-  ``fsdp_config``, the teacher is wrapped in its own ``FullyShardedDataParallel`` (FULL_SHARD,
-  one unit per decoder layer), so each rank holds 1/N of its weights and gathers one layer at a
-  time; every rank runs the teacher forward on its own microbatch in lockstep, as FSDP needs.
-  Not run: FSDP (v1) needs CUDA. Under FSDP2 the teacher stays whole on every rank, as under
-  DDP (2 CPU ranks in tests/test_sharded_training.py); sharding it with ``fully_shard`` is
-  left for later.
+- Sharding: when ``torch.distributed`` runs with more than one rank and the run has an
+  ``fsdp_config``, the teacher is sharded like the student, so each rank holds 1/N of its
+  weights and gathers one decoder layer at a time; every rank runs the teacher forward on its
+  own microbatch in lockstep, as FSDP needs. FSDP2 (env ``FSDP_VERSION=2``): ``fully_shard``
+  per decoder layer and at the root, on the student's device mesh (2 CPU ranks in
+  tests/test_sharded_training.py: each rank holds half the teacher, the losses equal the
+  1-rank run's). FSDP (v1): its own ``FullyShardedDataParallel`` (FULL_SHARD, one unit per
+  decoder layer); not run here, FSDP v1 needs CUDA. Under DDP the teacher is whole on every rank.
 """
 
 from __future__ import annotations
@@ -70,15 +71,40 @@ def apply_distillation(loss: torch.Tensor, lm_loss: torch.Tensor, student_logits
     return combine_losses(loss, lm_loss, kl, alpha), kl
 
 
+def _decoder_layers(teacher: torch.nn.Module) -> list[torch.nn.Module]:
+    from drp_foundry.pruning.layouts import get_layout
+
+    return list(get_layout(getattr(teacher.config, 'model_type', None)).decoder_layers(teacher))
+
+
 def _shard_teacher(teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Wrap the teacher in FSDP (FULL_SHARD, one unit per decoder layer). Untested multi-rank path."""
+    """Wrap the teacher in FSDP (FULL_SHARD, one unit per decoder layer). Untested multi-rank path (CUDA only)."""
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    layer_types = {type(layer) for layer in teacher.model.layers}
+    layer_types = {type(layer) for layer in _decoder_layers(teacher)}
     return FullyShardedDataParallel(teacher, auto_wrap_policy=ModuleWrapPolicy(layer_types),
                                     sharding_strategy=ShardingStrategy.FULL_SHARD,
                                     device_id=device if device.type == 'cuda' else None, use_orig_params=True)
+
+
+def _shard_teacher_fsdp2(teacher: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` every decoder layer, then the rest, on the student's device mesh. Each rank
+    keeps 1/N of the teacher; its forward gathers one layer at a time and frees it after (tested on 2 CPU
+    ranks in tests/test_sharded_training.py)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _decoder_layers(teacher):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+    return teacher
+
+
+def _student_mesh(model: torch.nn.Module) -> Any:
+    """The device mesh of the student's FSDP2 (DTensor) parameters, or None if it has none."""
+    from torch.distributed.tensor import DTensor
+
+    return next((p.device_mesh for p in model.parameters() if isinstance(p, DTensor)), None)
 
 
 class Distillation(Algorithm):
@@ -127,17 +153,25 @@ class Distillation(Algorithm):
 
     def _place_teacher(self, state: State) -> None:
         assert self.teacher is not None
-        if isinstance(self.teacher, torch.distributed.fsdp.FullyShardedDataParallel):
+        if isinstance(self.teacher, (torch.distributed.fsdp.FullyShardedDataParallel,
+                                     torch.distributed.fsdp.FSDPModule)):
             return
         reference = next(state.model.parameters())
         device = reference.device if reference.device.type != 'meta' else state.device._device
         self.teacher.to(device=device, dtype=reference.dtype)
         from composer.utils.parallelism import FSDP2Config
 
-        # FSDP (v1): the teacher sharded too (untested, CUDA only). FSDP2: the teacher whole on every rank, as under DDP
-        if state.fsdp_config is not None and not isinstance(state.fsdp_config, FSDP2Config) and \
-                torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            self.teacher = _shard_teacher(self.teacher, device)
+        # sharded like the student: FSDP2 on the student's mesh (tested on CPU ranks); FSDP v1 (untested, CUDA only)
+        if state.fsdp_config is not None and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            if isinstance(state.fsdp_config, FSDP2Config):
+                mesh = _student_mesh(state.model)
+                if mesh is None:
+                    raise RuntimeError('drp_distillation: the run uses FSDP2 but the model has no sharded (DTensor) '
+                                       'parameter at FIT_START; cannot shard the teacher on its mesh')
+                self.teacher = _shard_teacher_fsdp2(self.teacher, mesh)
+            else:
+                self.teacher = _shard_teacher(self.teacher, device)
         self.teacher.eval()
 
     def _distil(self, state: State) -> None:
@@ -153,5 +187,9 @@ class Distillation(Algorithm):
         with get_precision_context(state.precision, state.precision_config):
             state.loss, kl = apply_distillation(state.loss, lm_loss, logits, self.teacher, state.batch, self.alpha,
                                                 self.temperature)
+        if isinstance(self.teacher, torch.distributed.fsdp.FSDPModule):
+            # FSDP2 keeps the root unit (embeddings, final norm, head) gathered after a forward, for a backward
+            # that never comes here; free it so the teacher's share stays 1/N between batches
+            self.teacher.reshard()
         self._last_metrics = {'drp/distillation/kl': float(kl.detach()),
                               'drp/distillation/lm_loss': float(lm_loss.detach())}
