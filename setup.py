@@ -15,6 +15,7 @@ ENTRY_POINTS = {
         'drp_mask_learner = drp_foundry.composer.mask_learner:MaskLearner',
         'drp_lagrangian = drp_foundry.composer.lagrangian_updater:LagrangianUpdater',
         'drp_distillation = drp_foundry.composer.distillation:Distillation',
+        'drp_cpu_autocast = drp_foundry.composer.cpu_autocast:CpuAutocast',
     ],
     'llmfoundry_dataloaders': [
         'drp_multidomain = drp_foundry.composer.multidomain_dataloader:build_multidomain_dataloader',
