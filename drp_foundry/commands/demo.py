@@ -346,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--continue-lr', type=float, default=3e-4)
     parser.add_argument('--distill-alpha', type=float, default=0.5,
                         help='weight of the KL to the source model (drp_distillation); 0 switches it off')
+    parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
+                        help='bf16: the training stages run their forward, loss and teacher under bf16 autocast '
+                             '(drp_cpu_autocast); evaluation stays fp32')
     parser.add_argument('--eval-every', type=int, default=20)
     parser.add_argument('--max-seq-len', type=int, default=128)
     parser.add_argument('--reference-losses', help='JSON {domain: loss} for a model of the target size')
@@ -397,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     prune_run = f'demo-prune-{args.policy}'
     pruned_dir = work / 'models' / f'pruned-{args.path}-{args.policy}'
     distill = distillation_overrides(source, args.distill_alpha)
+    if args.precision == 'bf16':  # Composer does not autocast on CPU; drp_cpu_autocast does
+        distill['algorithms.drp_cpu_autocast.dtype'] = 'bfloat16'
     if args.path == 'oneshot':
         t = _stage('3/6 prune: one-shot activation importance (drp-prune-oneshot)')
         if (pruned_dir / 'pruning_report.json').exists():
