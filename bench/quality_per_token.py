@@ -347,8 +347,8 @@ def report(args, parser, results, source_losses, png, out_json, tokens, steps, s
     missing = [f'({key}) {PATHS[key]}' for key in PATHS if key not in {r['key'] for r in results}]
     if missing:
         body.append(f'- **not finished** when this section was written: {", ".join(missing)}')
-    body.append(f'- this command ran {time.time() - started:.0f}s (data check, source eval, the paths it trained; '
-                f'stored paths are reused)')
+    body.append(f'- cost: the paths took {sum(r["wall_s"] for r in results):.0f} s of wall time in all (the '
+                f'wall column); a rerun reuses every stored path whose settings match, `--no-reuse` trains them again')
     if args.results:
         write_section(Path(args.results), '\n'.join(body))
 
