@@ -27,6 +27,13 @@ def test_an_ngram_three_times_is_a_loop_even_when_not_adjacent():
     assert find_repetition_loop(ids, repeats=4) is None
 
 
+def test_a_long_span_twice_is_a_loop_but_not_when_the_two_overlap_or_are_short():
+    sentence = [10, 11, 12, 13, 14, 15]
+    assert find_repetition_loop(sentence + [3] + sentence) == RepetitionLoop(tuple(sentence), 2, 'span')
+    assert find_repetition_loop(sentence[:5] + [3] + sentence[:5]) is None  # 5 tokens: below long_ngram
+    assert find_repetition_loop([1, 2, 1, 2, 1, 5, 6, 7]) is None  # overlapping (1, 2, 1, 2, 1) is not a span twice
+
+
 def test_short_and_empty_continuations_and_bad_settings():
     assert find_repetition_loop([]) is None
     assert find_repetition_loop([4, 4]) is None
@@ -46,6 +53,9 @@ def smollm2_tokenizer():
 @pytest.mark.parametrize('text', [
     'The history of the city.\n\n\n\n\n\n\n1111111111111111',        # issue 14, the demo at 60 + 40 steps
     'The history of the city, and the city, and the city, and the city',  # the demo at 200 continued steps
+    # a sentence said again (bf16 demo trial, 200 steps)
+    'The history of the city is a great example of the world.\n\nThe history of the city is a great example of '
+    'the world, and',
 ])
 def test_the_loops_the_demo_produced_are_flagged(smollm2_tokenizer, text):
     prompt = len(smollm2_tokenizer('The history of the city')['input_ids'])
