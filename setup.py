@@ -16,6 +16,7 @@ ENTRY_POINTS = {
         'drp_lagrangian = drp_foundry.composer.lagrangian_updater:LagrangianUpdater',
         'drp_distillation = drp_foundry.composer.distillation:Distillation',
         'drp_cpu_autocast = drp_foundry.composer.cpu_autocast:CpuAutocast',
+        'drp_unlikelihood = drp_foundry.composer.unlikelihood:Unlikelihood',
     ],
     'llmfoundry_dataloaders': [
         'drp_multidomain = drp_foundry.composer.multidomain_dataloader:build_multidomain_dataloader',

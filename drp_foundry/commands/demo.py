@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                         help='bf16 (default): the training stages run their forward, loss and teacher under bf16 '
                              'autocast (drp_cpu_autocast; on CPUs with bf16 instructions, 1.3x faster per step '
                              'here: bench/cpu_autocast_step.py); evaluation stays fp32. fp32: no autocast')
+    parser.add_argument('--unlikelihood-alpha', type=float, default=0.0,
+                        help='weight of the token-level unlikelihood term against repetition (drp_unlikelihood; '
+                             'ours); 0 switches it off')
     parser.add_argument('--eval-every', type=int, default=20)
     parser.add_argument('--max-seq-len', type=int, default=128)
     parser.add_argument('--reference-losses', help='JSON {domain: loss} for a model of the target size')
@@ -400,9 +403,11 @@ def main(argv: list[str] | None = None) -> int:
               'variables.eval_every': args.eval_every, **scheduler_overrides(args.policy, references)}
     prune_run = f'demo-prune-{args.policy}'
     pruned_dir = work / 'models' / f'pruned-{args.path}-{args.policy}'
-    distill = distillation_overrides(source, args.distill_alpha)
+    extras = distillation_overrides(source, args.distill_alpha)  # the training stages' added algorithms
     if args.precision == 'bf16':  # Composer does not autocast on CPU; drp_cpu_autocast does
-        distill['algorithms.drp_cpu_autocast.dtype'] = 'bfloat16'
+        extras['algorithms.drp_cpu_autocast.dtype'] = 'bfloat16'
+    if args.unlikelihood_alpha > 0:
+        extras['algorithms.drp_unlikelihood.alpha'] = args.unlikelihood_alpha
     if args.path == 'oneshot':
         t = _stage('3/6 prune: one-shot activation importance (drp-prune-oneshot)')
         if (pruned_dir / 'pruning_report.json').exists():
@@ -420,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_logged(train_command(PRUNE_RECIPE, {
                 **common, **run_overrides(work, prune_run, args.prune_steps), 'variables.source_model': source,
-                'algorithms.drp_mask_learner.init': args.mask_init, **distill}), logs / 'prune.log')
+                'algorithms.drp_mask_learner.init': args.mask_init, **extras}), logs / 'prune.log')
         print(f'  ({time.time() - t:.0f}s)')
 
         t = _stage('4/6 export: fold masks, slice, write a HF directory')
@@ -436,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_logged(train_command(CONTINUE_RECIPE, {
             **common, **run_overrides(work, continue_run, args.continue_steps), 'variables.model_dir': pruned_dir,
-            'optimizer.lr': args.continue_lr, **distill,
+            'optimizer.lr': args.continue_lr, **extras,
             'callbacks.hf_checkpointer.save_folder': work / continue_run / 'hf'}), logs / 'continue.log')
     continued_dir = work / continue_run / 'hf' / 'huggingface' / 'final'  # hf_checkpointer's layout
     from drp_foundry.hf_tied_weights import store_tied_output_embedding
