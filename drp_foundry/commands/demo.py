@@ -10,7 +10,9 @@ Each stage is the command a user runs on GPUs, chained::
        oneshot: drp-prune-oneshot SOURCE OUT --target ... --calibration DATA   (activation importance)
     4. python -m drp_foundry.export CHECKPOINT OUT_DIR      (l0) fold masks, slice, HF directory
     5. composer -m drp_foundry.train RECIPE smollm2_continue.yaml   continued pretraining, same scheduler,
-       distilling the source model (drp_distillation) unless ``--distill-alpha 0``
+       distilling the source model (drp_distillation) unless ``--distill-alpha 0``, with the token-level
+       unlikelihood term (drp_unlikelihood) unless ``--unlikelihood-alpha 0``, bf16 autocast unless
+       ``--precision fp32``
     6. eval pruned and continued models; table, plots, greedy samples checked for repetition loops
 
     python -m drp_foundry.demo [--corpus DIR] [--policy drpruning] [--path l0]   # default corpus: the embedded sample
@@ -350,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                         help='bf16 (default): the training stages run their forward, loss and teacher under bf16 '
                              'autocast (drp_cpu_autocast; on CPUs with bf16 instructions, 1.3x faster per step '
                              'here: bench/cpu_autocast_step.py); evaluation stays fp32. fp32: no autocast')
-    parser.add_argument('--unlikelihood-alpha', type=float, default=0.0,
-                        help='weight of the token-level unlikelihood term against repetition (drp_unlikelihood; '
-                             'ours); 0 switches it off')
+    parser.add_argument('--unlikelihood-alpha', type=float, default=1.0,
+                        help='weight of the token-level unlikelihood term against repetition loops '
+                             '(drp_unlikelihood; ours); 0 switches it off')
     parser.add_argument('--eval-every', type=int, default=20)
     parser.add_argument('--max-seq-len', type=int, default=128)
     parser.add_argument('--reference-losses', help='JSON {domain: loss} for a model of the target size')
