@@ -36,9 +36,11 @@ def token_unlikelihood(logits: torch.Tensor, input_ids: torch.Tensor, labels: to
     targets = (input_ids if labels is None else labels)[:, 1:]
     context = input_ids[:, :-1]
     steps = context.shape[1]
-    probs = logits[:, :-1].float().softmax(dim=-1)  # (batch, steps, vocab): position t predicts t + 1
-    # p_t(x_j) for every earlier-or-current context token j: (batch, t, j)
-    candidate_probs = probs.gather(-1, context.unsqueeze(1).expand(-1, steps, -1))
+    scores = logits[:, :-1].float()  # (batch, steps, vocab): position t predicts t + 1
+    # p_t(x_j) for every earlier-or-current context token j, (batch, t, j), without a second (batch, steps,
+    # vocab) tensor of probabilities: the gathered logits minus the log-normaliser
+    candidate_probs = (scores.gather(-1, context.unsqueeze(1).expand(-1, steps, -1))
+                       - scores.logsumexp(dim=-1, keepdim=True)).exp()
     same = context.unsqueeze(2) == context.unsqueeze(1)  # (batch, j, k): x_j == x_k
     earlier = torch.ones(steps, steps, dtype=torch.bool, device=context.device).tril(diagonal=-1)
     first_occurrence = ~(same & earlier).any(dim=-1)  # (batch, j): each distinct token counted once
