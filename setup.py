@@ -17,6 +17,7 @@ ENTRY_POINTS = {
         'drp_distillation = drp_foundry.composer.distillation:Distillation',
         'drp_cpu_autocast = drp_foundry.composer.cpu_autocast:CpuAutocast',
         'drp_unlikelihood = drp_foundry.composer.unlikelihood:Unlikelihood',
+        'drp_sequence_unlikelihood = drp_foundry.composer.unlikelihood:SequenceUnlikelihood',
     ],
     'llmfoundry_dataloaders': [
         'drp_multidomain = drp_foundry.composer.multidomain_dataloader:build_multidomain_dataloader',
@@ -48,6 +49,7 @@ ENTRY_POINTS = {
         'drp-prune-oneshot = drp_foundry.commands.oneshot:main',
         'drp-eval = drp_foundry.commands.eval:main',
         'drp-domain-loss = drp_foundry.commands.domain_loss:main',
+        'drp-loop-rate = drp_foundry.commands.loop_rate:main',
     ],
 }
 

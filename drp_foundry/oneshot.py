@@ -56,7 +56,9 @@ def parse_target(text: str) -> TargetArchitecture:
         raise OneShotError(str(error)) from error
 
 
-def _mds_sequences(root: Path, split: str, seq_len: int) -> dict[str, list[torch.Tensor]]:
+def mds_token_rows(root: Path, split: str, seq_len: int, limit: int = 4096) -> dict[str, list[torch.Tensor]]:
+    """``{domain: [token row, ...]}`` from ``ROOT/<domain>/<split>/`` MDS folders: at most ``limit`` rows per
+    domain, each cut to ``seq_len`` tokens."""
     from streaming import LocalDataset
 
     out = {}
@@ -69,7 +71,7 @@ def _mds_sequences(root: Path, split: str, seq_len: int) -> dict[str, list[torch
                 raise OneShotError(f'--calibration {folder / split}: MDS samples have no tokens column '
                                    f'({sorted(sample)}); pass a data_prep output folder')
             rows.append(torch.as_tensor(sample['tokens'][:seq_len].astype('int64')))
-            if len(rows) >= 4096:
+            if len(rows) >= limit:
                 break
         out[folder.name] = rows
     return out
@@ -102,7 +104,7 @@ def calibration_sequences(data: str | Path, num_sequences: int, seq_len: int, to
     if not data.exists():
         raise OneShotError(f'--calibration {data} does not exist; pass a data_prep output folder or .jsonl text')
     if data.is_dir() and any((path / split / 'index.json').is_file() for path in data.iterdir()):
-        per_domain = _mds_sequences(data, split, seq_len)
+        per_domain = mds_token_rows(data, split, seq_len)
     else:
         files = [data] if data.is_file() else sorted(data.glob('*.jsonl'))
         if not files:

@@ -53,6 +53,13 @@ def test_the_demo_runs_from_a_fresh_copy_with_no_shared_folder(tmp_path):
     continue_log = (work / 'logs' / 'continue.log').read_text()
     for domain in EMBEDDED_DOCUMENTS:
         assert f'metrics/eval/{domain}/LanguageCrossEntropy' in continue_log
+    # the default run adds the sequence-level unlikelihood term in its second half, and the report gives the
+    # held-out greedy loop rate of the source and the continued model
+    assert 'drp/sequence_unlikelihood/loop_share' in continue_log
+    assert 'greedy repetition loops on held-out prefixes (112 eval prefixes' in out
+    report = json.loads((work / 'demo_drpruning.json').read_text())
+    assert set(report['loop_rates']) == {'source', 'continued'}
+    assert report['loop_rates']['source']['prefixes'] == 112
     # progress: stage, step, rate, ETA
     assert '=== 3/6 prune: one-shot' in out and 'into the demo)' in out
     assert 'step 5/6, ' in out and ' s/step, ETA ' in out

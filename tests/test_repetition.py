@@ -91,3 +91,34 @@ def test_demo_samples_report_the_loop_of_a_model_that_always_says_the_same_token
     assert sample['text'].startswith('The history of the city')
     assert sample['loop'] == {'span': AutoTokenizer.from_pretrained(str(tmp_path)).decode([0]), 'count': 8,
                               'kind': 'run'}
+
+
+def test_loop_rate_command_reports_per_domain_and_refuses_a_missing_model(tmp_path, tiny_tokenizer_dir,
+                                                                        llama_config, capsys):
+    import json
+
+    import numpy as np
+    from streaming import MDSWriter
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drp_foundry.commands.loop_rate import main
+
+    for domain in ('prose', 'code'):
+        with MDSWriter(out=str(tmp_path / 'data' / domain / 'eval'), columns={'tokens': 'ndarray:int32'}) as writer:
+            for i in range(4):
+                writer.write({'tokens': np.arange(40, dtype=np.int32) + i})
+    model = AutoModelForCausalLM.from_config(llama_config)
+    with torch.no_grad():  # no layer writes to the residual stream and lm_head = the embeddings: the model repeats
+        for layer in model.model.layers:  # its last input token forever (never the end-of-text token here)
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    model.save_pretrained(tmp_path / 'model')
+    AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir)).save_pretrained(tmp_path / 'model')
+    assert main([str(tmp_path / 'model'), str(tmp_path / 'data'), '--per-domain', '3', '--new-tokens', '8',
+                 '--json', str(tmp_path / 'rates.json')]) == 0
+    assert 'model: 1.000 loop (code 3/3, prose 3/3)' in capsys.readouterr().out
+    summary = json.loads((tmp_path / 'rates.json').read_text())[str(tmp_path / 'model')]
+    assert summary['loops'] == summary['prefixes'] == 6
+    assert main([str(tmp_path / 'missing'), str(tmp_path / 'data')]) == 2
+    assert 'has no config.json' in capsys.readouterr().err

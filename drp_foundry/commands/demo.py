@@ -11,9 +11,12 @@ Each stage is the command a user runs on GPUs, chained::
     4. python -m drp_foundry.export CHECKPOINT OUT_DIR      (l0) fold masks, slice, HF directory
     5. composer -m drp_foundry.train RECIPE smollm2_continue.yaml   continued pretraining, same scheduler,
        distilling the source model (drp_distillation) unless ``--distill-alpha 0``, with the token-level
-       unlikelihood term (drp_unlikelihood) unless ``--unlikelihood-alpha 0``, bf16 autocast unless
+       unlikelihood term (drp_unlikelihood) unless ``--unlikelihood-alpha 0``, the sequence-level
+       unlikelihood term on its own greedy continuations in the second half of the run
+       (drp_sequence_unlikelihood) unless ``--sequence-unlikelihood-alpha 0``, bf16 autocast unless
        ``--precision fp32``
-    6. eval pruned and continued models; table, plots, greedy samples checked for repetition loops
+    6. eval pruned and continued models; table, plots, greedy samples checked for repetition loops,
+       the greedy loop rate on 112 held-out prefixes (source and continued model)
 
     python -m drp_foundry.demo [--corpus DIR] [--policy drpruning] [--path l0]   # default corpus: the embedded sample
     python -m drp_foundry.demo --check     # resolve every file and config the demo needs, print them, exit
@@ -197,6 +200,17 @@ def _eval(model_dir: Path, data_root: Path, max_seq_len: int, out_json: Path) ->
     return losses
 
 
+def _loop_rate(model_dir: Path, data_root: Path, out_json: Path) -> dict:
+    """The held-out greedy loop rate of a model folder (``eval/loop_rate.py``), cached in ``out_json``."""
+    if out_json.exists():
+        return json.loads(out_json.read_text())
+    from drp_foundry.eval.loop_rate import heldout_prefixes, loop_rate_of_directory
+
+    summary = loop_rate_of_directory(model_dir, heldout_prefixes(data_root))[0].summary()
+    out_json.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def _final_mixture(metrics_path: Path, domains: list[str]) -> dict[str, float]:
     from drp_foundry.composer.jsonl_metrics_logger import read_metrics
 
@@ -355,6 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--unlikelihood-alpha', type=float, default=1.0,
                         help='weight of the token-level unlikelihood term against repetition loops '
                              '(drp_unlikelihood; ours); 0 switches it off')
+    parser.add_argument('--sequence-unlikelihood-alpha', type=float, default=1.0,
+                        help='weight of the sequence-level unlikelihood term on the model\'s own greedy '
+                             'continuations (drp_sequence_unlikelihood; ours); 0 switches it off')
+    parser.add_argument('--sequence-unlikelihood-every', type=int, default=1,
+                        help='apply the sequence-level term on every N-th batch')
+    parser.add_argument('--sequence-unlikelihood-start', default='0.5dur',
+                        help='apply the sequence-level term from this point of the run on (a fraction "0.5dur" or '
+                             'a batch count "100ba")')
     parser.add_argument('--eval-every', type=int, default=20)
     parser.add_argument('--max-seq-len', type=int, default=128)
     parser.add_argument('--reference-losses', help='JSON {domain: loss} for a model of the target size')
@@ -410,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         extras['algorithms.drp_cpu_autocast.dtype'] = 'bfloat16'
     if args.unlikelihood_alpha > 0:
         extras['algorithms.drp_unlikelihood.alpha'] = args.unlikelihood_alpha
+    if args.sequence_unlikelihood_alpha > 0:
+        extras['algorithms.drp_sequence_unlikelihood.alpha'] = args.sequence_unlikelihood_alpha
+        extras['algorithms.drp_sequence_unlikelihood.every'] = args.sequence_unlikelihood_every
+        extras['algorithms.drp_sequence_unlikelihood.start'] = args.sequence_unlikelihood_start
     if args.path == 'oneshot':
         t = _stage('3/6 prune: one-shot activation importance (drp-prune-oneshot)')
         if (pruned_dir / 'pruning_report.json').exists():
@@ -471,11 +497,14 @@ def main(argv: list[str] | None = None) -> int:
               work / f'demo_{args.policy}.png')
     report = json.loads((pruned_dir / 'pruning_report.json').read_text())
     samples = generate_samples(continued_dir, SAMPLE_PROMPTS)
+    loop_rates = {'source': _loop_rate(source, data_root, work / 'loop_rate_source.json'),
+                  'continued': _loop_rate(continued_dir, data_root,
+                                          work / f'loop_rate_continued_{args.path}_{args.policy}.json')}
     summary = {'policy': args.policy, 'path': args.path, 'distill_alpha': args.distill_alpha,
                'train_tokens': (args.prune_steps * (args.path == 'l0') + args.continue_steps) * 4 * args.max_seq_len,
                'losses': rows, 'final_mixtures': mixtures,
                'params_source': report['params_before'], 'params_pruned': report['params_after'],
-               'samples': samples, 'wall_time_s': round(time.time() - started, 1)}
+               'samples': samples, 'loop_rates': loop_rates, 'wall_time_s': round(time.time() - started, 1)}
     (work / f'demo_{args.policy}.json').write_text(json.dumps(summary, indent=2))
     print(f'\nPer-domain eval loss (nats/token, {args.max_seq_len}-token samples) and the final mixtures q:')
     print(table)
@@ -485,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         verdict = ('no repetition loop' if sample['loop'] is None else
                    f'repetition loop: {sample["loop"]["span"]!r} x{sample["loop"]["count"]}')
         print(f'  {sample["text"]!r} [{verdict}]')
+    print(f'greedy repetition loops on held-out prefixes ({loop_rates["source"]["prefixes"]} eval prefixes of 16 '
+          f'tokens, 24 new tokens; the screen also flags real repetition, e.g. in code): source '
+          f'{loop_rates["source"]["loops"]} ({loop_rates["source"]["overall"]:.0%}), continued '
+          f'{loop_rates["continued"]["loops"]} ({loop_rates["continued"]["overall"]:.0%})')
     print(f'plots: {work / f"demo_{args.policy}.png"}; report: {work / f"demo_{args.policy}.json"}; '
           f'model card: {pruned_dir / "README.md"}')
     print(f'wall time: {time.time() - started:.0f}s')

@@ -10,6 +10,13 @@ so probability put on tokens already seen (and not due next) is pushed down: the
 greedy decoding toward copying its own recent output. Added to the LM loss with a weight
 (``drp_unlikelihood``'s ``alpha``).
 
+Sequence-level unlikelihood (same paper, section 5.2) works on the model's own output: a prefix
+of a training sequence is continued greedily, and every continuation token that is part of an
+n-gram already seen earlier in the continuation gets ``-log(1 - p(token))`` at the position that
+produced it. It targets exactly the loops that greedy decoding falls into, which the token-level
+term only reaches through the training text. ``repeated_ngram_mask`` marks the tokens,
+``sequence_unlikelihood`` is the term; ``drp_sequence_unlikelihood`` generates and adds it.
+
 Pure torch: no Composer or LLM-Foundry import.
 """
 
@@ -17,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ['token_unlikelihood']
+__all__ = ['token_unlikelihood', 'repeated_ngram_mask', 'sequence_unlikelihood']
 
 IGNORE_INDEX = -100
 
@@ -50,3 +57,45 @@ def token_unlikelihood(logits: torch.Tensor, input_ids: torch.Tensor, labels: to
     predicted = targets != ignore_index
     per_position = penalty.sum(dim=-1)
     return (per_position * predicted).sum() / predicted.sum().clamp_min(1)
+
+
+def repeated_ngram_mask(token_ids: torch.Tensor, ngram: int = 3, start: int = 0) -> torch.Tensor:
+    """``(batch, seq)`` bool: tokens at ``start`` or later inside an ``ngram``-gram that occurred
+    before (starting at an earlier position, also at ``start`` or later) in the same row.
+
+    A run of one token longer than ``ngram`` is a repeated n-gram too (``a a a a`` with n = 3: the
+    second window repeats the first), so runs are covered. The default n = 3 matches the repetition
+    screen (``eval/repetition.py``); Welleck et al. used n = 4 on 100-token continuations.
+    """
+    if ngram < 1:
+        raise ValueError(f'ngram must be >= 1, got {ngram}')
+    mask = torch.zeros(token_ids.shape, dtype=torch.bool)
+    for row_index, row in enumerate(token_ids.tolist()):
+        seen: set[tuple[int, ...]] = set()
+        for first in range(start, len(row) - ngram + 1):
+            gram = tuple(row[first:first + ngram])
+            if gram in seen:
+                mask[row_index, first:first + ngram] = True
+            seen.add(gram)
+    return mask.to(token_ids.device)
+
+
+def sequence_unlikelihood(logits: torch.Tensor, token_ids: torch.Tensor, start: int, ngram: int = 3,
+                          min_gap: float = 1e-5) -> torch.Tensor:
+    """The sequence-level unlikelihood term of prefix + continuation rows (float32 scalar).
+
+    ``token_ids``: ``(batch, seq)``, the continuation from position ``start`` on (``start >= 1``);
+    ``logits``: the model's ``(batch, seq, vocab)`` on ``token_ids``. The sum over continuation
+    tokens inside a repeated n-gram of ``-log(1 - p(token | earlier tokens))``, divided by the
+    number of continuation tokens (0 when nothing repeats).
+    """
+    if logits.shape[:2] != token_ids.shape:
+        raise ValueError(f'logits {tuple(logits.shape)} and token_ids {tuple(token_ids.shape)} disagree')
+    if not 1 <= start < token_ids.shape[1]:
+        raise ValueError(f'start must be in [1, {token_ids.shape[1] - 1}], got {start}')
+    negative = repeated_ngram_mask(token_ids, ngram, start)[:, 1:]  # aligned with the predicting position
+    scores = logits[:, :-1].float()
+    token_probs = (scores.gather(-1, token_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                   - scores.logsumexp(dim=-1)).exp()
+    penalty = -torch.log((1.0 - token_probs).clamp_min(min_gap)) * negative
+    return penalty.sum() / (token_ids.shape[0] * (token_ids.shape[1] - start))
