@@ -10,6 +10,7 @@ ENTRY_POINTS = {
         'drp_domain_eval_loss = drp_foundry.composer.domain_eval_loss_logger:DomainEvalLossLogger',
         'drp_dynamic_loading = drp_foundry.composer.dynamic_loading:DynamicLoading',
         'drp_continuation_eval = drp_foundry.composer.continuation_eval_callback:ContinuationEval',
+        'drp_fsdp2_gloo_average = drp_foundry.composer.fsdp2_gloo:Fsdp2GlooAverage',
     ],
     'llmfoundry_algorithms': [
         'drp_mask_learner = drp_foundry.composer.mask_learner:MaskLearner',

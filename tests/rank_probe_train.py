@@ -1,6 +1,7 @@
 """``train.py`` with one test-only callback, ``drp_test_rank_probe``, registered first (tests/sharded_harness.py).
 
-Every rank appends to ``<folder>/rank<r>.jsonl`` what must be the same on all ranks: at each
+Every rank appends to ``<folder>/grad_norm_rank<r>.jsonl`` the norm of the full gradient after each
+backward (before clipping), and to ``<folder>/rank<r>.jsonl`` what must be the same on all ranks: at each
 scheduler update (``EVAL_AFTER_ALL``, after ``drp_dynamic_loading``) the full log-alphas and
 lambdas (FSDP2 shards gathered), the expected size the scheduler read, the dataset's mixture and
 the policy's reference ratio; at ``FIT_END`` rank 0 also saves the model's full state dict
@@ -55,6 +56,26 @@ class RankProbe(Callback):
             'mixture': [float(x) for x in find_mixture_dataset(state.train_dataloader).proportions],
             'reference_ratio': [float(x) for x in scheduler.policy.p_ref],
         })
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        """The gradient norm before clipping (the run has one microbatch per rank), over the full gradients."""
+        import torch.distributed as tdist
+        from torch.distributed.tensor import DTensor
+
+        sharded = torch.zeros(1, dtype=torch.float64)
+        whole = 0.0
+        for param in state.model.parameters():
+            if param.grad is None:
+                continue
+            if isinstance(param.grad, DTensor):
+                sharded += param.grad.to_local().double().pow(2).sum()
+            else:
+                whole += float(param.grad.double().pow(2).sum())
+        if tdist.is_initialized() and dist.get_world_size() > 1:
+            tdist.all_reduce(sharded)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f'grad_norm_rank{dist.get_global_rank()}.jsonl', 'a') as f:
+            f.write(json.dumps({'step': int(state.timestamp.batch), 'grad_norm': (float(sharded) + whole) ** 0.5}) + '\n')
 
     def fit_end(self, state: State, logger: Logger) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -7,7 +7,7 @@ Used by tests/test_sharded_training.py; also runnable by hand::
 One run = masks + Lagrangian (warm-up batches 1-4) + distillation from a random teacher +
 ``drp_multidomain`` (1 worker) + the drpruning policy on three domains of the shared sample (data and YAML as
 tests/resume_harness.py builds them), eval (= scheduler update) and checkpoint every 2 batches,
-8 batches of 4 sequences. ``mask_noise: shared``: every rank draws rank 0's mask noise, so a
+8 batches of 4 sequences, gradient clipping at a norm below every batch's. ``mask_noise: shared``: every rank draws rank 0's mask noise, so a
 2-rank run with one microbatch of 2 per rank sees the masks a 1-rank run with one microbatch
 of 4 sees, and their losses differ only by floating-point summation order.
 FSDP2 is Composer's: ``fsdp_config`` plus env ``FSDP_VERSION=2``, sharded checkpoints, activation
@@ -33,6 +33,7 @@ STEPS = 8
 WARMUP = 4
 UPDATES = (2, 4, 6, 8)  # batches at which the scheduler updates (evals)
 RESUME_FROM = 4
+CLIP_AT = 0.5  # the gradient-clipping threshold: below every batch's gradient norm
 FIRST_FIT = 6  # the drpruning policy's first scaling-law fit (history from batch 2, 3 points)
 STREAMING_RACE = 'shared memory registered does not match local leader'
 TARGET = {'layers': 2, 'hidden': 48, 'heads': 2, 'kv_heads': 1, 'intermediate': 64}
@@ -64,9 +65,9 @@ def write_config(path: Path, data_root: Path, model_dir: Path, run_dir: Path, mo
     cfg['algorithms']['drp_lagrangian']['warmup_steps'] = WARMUP
     # the random model's own weights as teacher: sharded like the student under FSDP2, whole under DDP
     cfg['algorithms']['drp_distillation'] = {'teacher': str(model_dir), 'alpha': 0.5}
-    # no gradient clipping: Composer 0.32's gradient_clipping under FSDP2 changes the updates once it clips (the
-    # losses leave the 1-rank run's by up to 1.5e-3 in 8 batches here; README, "Sharded training")
-    cfg['algorithms'].pop('gradient_clipping')
+    # gradient clipping below every batch's gradient norm (0.8-1.1 here), so every update is clipped: under FSDP2 on
+    # gloo the gradients must then be averaged over ranks, not summed (drp_fsdp2_gloo_average, added by drp-train)
+    cfg['algorithms']['gradient_clipping'] = {'clipping_type': 'norm', 'clipping_threshold': CLIP_AT}
     cfg['callbacks']['drp_test_rank_probe'] = {'folder': str(run_dir / 'probe')}  # after drp_dynamic_loading
     cfg.update(max_duration=f'{STEPS}ba', device_train_microbatch_size=4 // ranks, autoresume=False)
     if mode == 'fsdp2':
@@ -128,6 +129,12 @@ def probe_records(run_dir: Path, rank: int) -> dict[int, dict]:
         record = json.loads(line)
         records[record['step']] = record
     return records
+
+
+def grad_norms(run_dir: Path, rank: int) -> dict[int, float]:
+    """step (0-based batch) -> the full gradient's norm before clipping, as rank ``rank`` measured it."""
+    lines = (run_dir / 'probe' / f'grad_norm_rank{rank}.jsonl').read_text().splitlines()
+    return {record['step']: record['grad_norm'] for record in map(json.loads, lines)}
 
 
 def losses(run_dir: Path) -> dict[int, float]:

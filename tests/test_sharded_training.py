@@ -3,8 +3,9 @@
 The runs (tests/sharded_harness.py): a tiny GQA Llama (3 layers, hidden 64, 4 query / 2 KV
 heads) pruned to 2 / 48 / 2 over 1 / 64 with masks + Lagrangian + distillation from a random
 teacher, ``drp_multidomain`` with one worker and the drpruning policy, a scheduler update every
-2 of 8 batches of 4 sequences, no gradient clipping (under FSDP2 Composer's clipping changes the
-updates once it clips: README, "Sharded training").
+2 of 8 batches of 4 sequences, gradient clipping below every batch's gradient norm (every update
+is clipped, so the gradients must have the 1-rank run's scale: under FSDP2 on gloo they do only
+with ``drp_fsdp2_gloo_average``, which drp-train adds; without it they are twice as large).
 Every rank draws rank 0's mask noise (``mask_noise: shared``) and holds one microbatch of 2,
 the 1-rank reference one microbatch of 4: both runs see the same masks on the same global
 batch, so their losses may differ only by floating-point summation order (the ranks' losses
@@ -26,11 +27,13 @@ import torch
 from resume_harness import build_data, files_digest
 from safetensors.torch import load_file
 from sharded_harness import (
+    CLIP_AT,
     FIRST_FIT,
     RESUME_FROM,
     STEPS,
     UPDATES,
     checkpoint_path,
+    grad_norms,
     losses,
     probe_records,
     train,
@@ -83,6 +86,18 @@ def _check_losses_match(run_dir, reference_dir):
     return max(abs(two[s] - one[s]) / abs(one[s]) for s in one)
 
 
+def _check_gradient_norms_match(run_dir, reference_dir):
+    """The full gradient's norm before clipping, on both ranks, equals the 1-rank run's (the gradients are
+    averaged over ranks, not summed) and is above the clipping threshold (every update is clipped)."""
+    one = grad_norms(reference_dir, 0)
+    assert sorted(one) == list(range(STEPS)) and min(one.values()) > CLIP_AT
+    for rank in (0, 1):
+        two = grad_norms(run_dir, rank)
+        assert sorted(two) == sorted(one)
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=1e-4), (rank, step, two[step], one[step])
+
+
 def _check_probe_close(records, reference_dir):
     """The 1-rank run's masks, lambdas and expected size at every update, and its mixtures before the first
     scaling-law fit: equal up to the same rounding. From the first fit on (update FIRST_FIT) the mixtures are
@@ -112,6 +127,7 @@ def test_ddp_two_ranks(reference):
     WALL['ddp 2 ranks'] = full['seconds']
     records = _check_ranks_agree(full['run_dir'])
     worst = _check_losses_match(full['run_dir'], reference['run_dir'])
+    _check_gradient_norms_match(full['run_dir'], reference['run_dir'])
     _check_probe_close(records, reference['run_dir'])
     assert all(h['local'] == h['total'] and h['sharded'] == 0 for h in _teacher_holdings(full['run_dir']))  # whole
     # the export of the 2-rank run is the 1-rank run's model
@@ -148,6 +164,8 @@ def test_fsdp2_two_ranks(reference):
     assert sorted(p.name for p in final.iterdir()) == ['.metadata', '__0_0.distcp', '__1_0.distcp']
     records = _check_ranks_agree(full['run_dir'])
     worst = _check_losses_match(full['run_dir'], reference['run_dir'])
+    _check_gradient_norms_match(full['run_dir'], reference['run_dir'])
+    assert 'drp_fsdp2_gloo_average' in full['log']  # drp-train added it under FSDP_VERSION=2
     _check_probe_close(records, reference['run_dir'])
     # the distillation teacher is sharded like the student: every tensor a DTensor, each rank holds half
     holdings = _teacher_holdings(full['run_dir'])

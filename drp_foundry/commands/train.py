@@ -8,11 +8,16 @@ Same command line as LLM-Foundry's ``scripts/train/train.py``::
 
 drp-foundry's components are found through LLM-Foundry's registries (entry points of the
 installed ``drp-foundry`` distribution); nothing here registers them.
+
+Under ``FSDP_VERSION=2`` the run gets the ``drp_fsdp2_gloo_average`` callback (unless the config
+names it already): on gloo (CPU ranks) FSDP2 sums gradients instead of averaging them, and the callback
+makes it average; on NCCL it does nothing (``drp_foundry/composer/fsdp2_gloo.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -26,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from drp_foundry.composer.config_checks import check_train_config_file, load_train_config
 
     yaml_path, overrides = argv[0], argv[1:]
+    if os.environ.get('FSDP_VERSION') == '2':  # merged into the config's callbacks (a no-op if it names it)
+        overrides.append('callbacks.drp_fsdp2_gloo_average={}')
     check_train_config_file(yaml_path, overrides)
     level = load_train_config(yaml_path, overrides).get('python_log_level')
     if level:  # LLM-Foundry sets its own loggers' level from this key; ours follow it
