@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--sequence-unlikelihood-start', default='0.5dur',
                         help='apply the sequence-level term from this point of the run on (a fraction "0.5dur" or '
                              'a batch count "100ba")')
+    parser.add_argument('--seed', type=int, default=17,
+                        help='the training stages\' seed (variables.global_seed: initialisation, data order, mask noise)')
     parser.add_argument('--eval-every', type=int, default=20)
     parser.add_argument('--max-seq-len', type=int, default=128)
     parser.add_argument('--reference-losses', help='JSON {domain: loss} for a model of the target size')
@@ -424,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.policy != 'constant':
         print(f'  reference losses from {origin}')
     common = {'variables.data_root': data_root, 'variables.max_seq_len': args.max_seq_len,
-              'variables.eval_every': args.eval_every, **scheduler_overrides(args.policy, references)}
+              'variables.eval_every': args.eval_every, 'variables.global_seed': args.seed,
+              **scheduler_overrides(args.policy, references)}
     prune_run = f'demo-prune-{args.policy}'
     pruned_dir = work / 'models' / f'pruned-{args.path}-{args.policy}'
     extras = distillation_overrides(source, args.distill_alpha)  # the training stages' added algorithms
@@ -500,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     loop_rates = {'source': _loop_rate(source, data_root, work / 'loop_rate_source.json'),
                   'continued': _loop_rate(continued_dir, data_root,
                                           work / f'loop_rate_continued_{args.path}_{args.policy}.json')}
-    summary = {'policy': args.policy, 'path': args.path, 'distill_alpha': args.distill_alpha,
+    summary = {'policy': args.policy, 'path': args.path, 'seed': args.seed, 'distill_alpha': args.distill_alpha,
+               'unlikelihood_alpha': args.unlikelihood_alpha,
+               'sequence_unlikelihood_alpha': args.sequence_unlikelihood_alpha,
                'train_tokens': (args.prune_steps * (args.path == 'l0') + args.continue_steps) * 4 * args.max_seq_len,
                'losses': rows, 'final_mixtures': mixtures,
                'params_source': report['params_before'], 'params_pruned': report['params_after'],
