@@ -10,8 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-from drp_foundry.eval.domain_loss import DomainLossError
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description='Share of held-out prefixes whose greedy continuation loops.')
@@ -24,14 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--show', type=int, default=0, help='print this many flagged continuations per model')
     parser.add_argument('--json', help='also write {model_dir: summary} to this file')
     args = parser.parse_args(argv)
-    try:
-        for model_dir in args.model_dir:
-            if not (Path(model_dir) / 'config.json').is_file():
-                raise DomainLossError(f'MODEL_DIR {model_dir} has no config.json; pass a Hugging Face model folder')
-        if not Path(args.data_root).is_dir():
-            raise DomainLossError(f'DATA_ROOT {args.data_root} does not exist; pass the --out folder of data_prep')
-    except DomainLossError as err:
-        print(f'loop_rate: error: {err}', file=sys.stderr)
+    problems = [f'MODEL_DIR {d} has no config.json; pass a Hugging Face model folder'
+                for d in args.model_dir if not (Path(d) / 'config.json').is_file()]
+    if not Path(args.data_root).is_dir():
+        problems.append(f'DATA_ROOT {args.data_root} does not exist; pass the --out folder of data_prep')
+    if problems:  # checked before any model is loaded
+        print(f'loop_rate: error: {problems[0]}', file=sys.stderr)
         return 2
     from drp_foundry.eval.loop_rate import heldout_prefixes, loop_rate_of_directory
 

@@ -33,10 +33,12 @@ def reduce_scatter_avg_sums(group) -> bool:
     import torch.distributed as dist
 
     size = dist.get_world_size(group)
+    if size < 2:  # nothing to reduce: the sum is the average
+        return False
     contribution = torch.ones(size * 2)  # every rank sends ones: the average is 1, the sum ``size``
     out = torch.empty(2)
     dist.reduce_scatter_tensor(out, contribution, op=dist.ReduceOp.AVG, group=group)
-    return bool(torch.allclose(out, torch.full_like(out, float(size)))) and size > 1
+    return bool(torch.allclose(out, torch.full_like(out, float(size))))
 
 
 def _fsdp2_units(model: torch.nn.Module) -> list:

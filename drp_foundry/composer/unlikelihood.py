@@ -85,12 +85,12 @@ def apply_sequence_unlikelihood(loss: torch.Tensor, model: torch.nn.Module, inpu
     ``model`` is a Composer HF model (called with a batch dict, possibly DDP-wrapped) or a bare HF
     causal LM; its greedy continuation of ``input_ids[:, :prefix_tokens]`` is what is penalised.
     """
+    from transformers import PreTrainedModel
+
     prefixes = input_ids[:, :prefix_tokens]
     continuations = greedy_continuations(unwrap_hf_model(model), prefixes, continuation_tokens)
     loop_share = sum(find_repetition_loop(row) is not None for row in continuations) / len(continuations)
     ids = torch.cat([prefixes, torch.tensor(continuations, dtype=prefixes.dtype, device=prefixes.device)], dim=1)
-    from transformers import PreTrainedModel
-
     outputs = model(input_ids=ids) if isinstance(model, PreTrainedModel) else model({'input_ids': ids})
     logits = outputs['logits'] if isinstance(outputs, dict) else outputs.logits
     term = sequence_unlikelihood(logits, ids, prefix_tokens, ngram)

@@ -38,10 +38,6 @@ class LoopRate:
         total = sum(n for _, n in self.counts.values())
         return sum(k for k, _ in self.counts.values()) / max(total, 1)
 
-    def rate(self, domain: str) -> float:
-        loops, total = self.counts[domain]
-        return loops / max(total, 1)
-
     def summary(self) -> dict:
         return {'overall': self.overall, 'loops': sum(k for k, _ in self.counts.values()),
                 'prefixes': sum(n for _, n in self.counts.values()),
