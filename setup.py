@@ -58,6 +58,9 @@ setup(
     name='drp-foundry',
     version='0.1.0',
     description=__doc__,
+    # the code; the embedded demo corpus keeps its sources' own licences (drp_foundry/demo_corpus/README.md)
+    license='Apache-2.0',
+    license_files=['LICENSE'],
     python_requires='>=3.10',
     packages=find_packages(include=['drp_foundry', 'drp_foundry.*', 'data_prep']),
     install_requires=[

@@ -39,7 +39,7 @@ policies or seeds to a finished study runs only the new ones.
 Outputs in WORK: ``fidelity.json``, ``fidelity.csv``, ``fidelity.png``; the table also goes
 to stdout. The last line is the wall time of this invocation.
 
-    python bench/fidelity.py --corpus ../shared/data/redpajama_sample --work runs/fidelity
+    python bench/fidelity.py --work runs/fidelity
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from drp_foundry.commands.demo import POLICIES, run_logged, scheduler_overrides, train_command
+from drp_foundry.commands.demo import DEMO_CORPUS, POLICIES, run_logged, scheduler_overrides, train_command
 from drp_foundry.eval.fidelity_table import (
     format_table,
     plot_fidelity,
@@ -465,8 +465,8 @@ def prepare_data(args: argparse.Namespace, settings: StudySettings, domains: lis
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--corpus', default=str(REPO.parent / 'shared' / 'data' / 'redpajama_sample'),
-                        help='folder of <domain>.jsonl files, tokenised into WORK/data (default: the CI sample)')
+    parser.add_argument('--corpus', default=str(DEMO_CORPUS),
+                        help='folder of <domain>.jsonl[.zst] files, tokenised into WORK/data (default: the embedded demo corpus)')
     parser.add_argument('--data-root', help='an existing data_prep output to train on instead of --corpus')
     parser.add_argument('--eval-data', help='data_prep output holding the held-out split (default: the training '
                         'data root, i.e. the data_prep eval split under WORK/data)')

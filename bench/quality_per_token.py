@@ -1,6 +1,6 @@
 """Quality per token: SmolLM2-135M -> the demo's 50.3M target by five paths at one token budget.
 
-    python bench/quality_per_token.py --corpus ../shared/data/redpajama_sample [--tokens 204800] [--paths abcde]
+    python bench/quality_per_token.py [--corpus drp_foundry/demo_corpus] [--tokens 204800] [--paths abcde]
 
 A finished path is stored in WORK/paths/KEY.json with the settings that made it; a rerun with the
 same settings reuses it (``--no-reuse`` reruns), so paths can run in separate processes (one per
@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from drp_foundry.commands.demo import DEMO_CORPUS
 from drp_foundry.composer.distillation import apply_distillation, load_teacher
 from drp_foundry.composer.lagrangian_updater import apply_lagrangian
 from drp_foundry.composer.mask_learner import apply_mask_learner, init_masks_from_importance
@@ -355,7 +356,7 @@ def report(args, parser, results, source_losses, png, out_json, tokens, steps, s
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--corpus', required=True, help='folder of <domain>.jsonl (the demo corpus)')
+    parser.add_argument('--corpus', default=str(DEMO_CORPUS), help='folder of <domain>.jsonl[.zst] files (default: the embedded demo corpus)')
     parser.add_argument('--source', default=str(REPO / 'models' / 'smollm2-135m'))
     parser.add_argument('--work', default='runs/qpt')
     parser.add_argument('--tokens', type=int, default=204_800, help='training tokens per path (default: 4x the 51,200 of the demo when issue 14 was '

@@ -26,7 +26,7 @@ constant and to dro with their standard errors over seeds; the eval-sampling noi
 domain's loss (standard error over its score sequences) for scale; and how often each
 domain's train data was repeated. Writes its section of docs/RESULTS.md.
 
-    python bench/scheduler_study.py --corpus ../shared/data/redpajama_sample --work runs/scheduler_study
+    python bench/scheduler_study.py --work runs/scheduler_study
 
 Each finished stage is cached in --work (JSON / .pt) and skipped on a rerun with the same
 settings. The last line prints the headline figures.
@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drp_foundry.fileio import read_jsonl
+from data_prep.build_domain_mds import find_domain_files, read_documents
+from drp_foundry.commands.demo import DEMO_CORPUS
 from drp_foundry.scheduling.reference_losses import pilot_reference_losses
 from drp_foundry.scheduling.reference_ratio import temperature_smoothed_ratio
 
@@ -70,11 +71,9 @@ SETTINGS = dict(
 
 def read_docs(corpus: Path, domain: str, max_chars: int) -> list[str]:
     docs, total = [], 0
-    for _, record in read_jsonl(corpus / f'{domain}.jsonl'):
-        text = record.get('text', '')
-        if text:
-            docs.append(text[:max_chars - total])
-            total += len(docs[-1])
+    for text in read_documents(find_domain_files(corpus, [domain])[domain]):
+        docs.append(text[:max_chars - total])
+        total += len(docs[-1])
         if total >= max_chars:
             break
     return docs
@@ -416,7 +415,7 @@ def write_results(table, pre, pilot_refs, results, seeds, s, command, wall, repo
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--corpus', type=Path, default=Path('../shared/data/redpajama_sample'))
+    parser.add_argument('--corpus', type=Path, default=DEMO_CORPUS)
     parser.add_argument('--work', type=Path, default=Path('runs/scheduler_study'))
     parser.add_argument('--seeds', type=int, default=5)
     parser.add_argument('--threads', type=int, default=1)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the shared data sample, an offline tokenizer, tiny model configs."""
+"""Shared fixtures: the seven-domain sample (from the embedded corpus), an offline tokenizer, tiny model configs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_SAMPLE = Path(os.environ.get('DRP_SHARED_SAMPLE', REPO_ROOT.parent / 'shared' / 'data' / 'redpajama_sample'))
+# The seven-domain RedPajama sample ships in the package, zstd-compressed (its README gives provenance and digests).
+EMBEDDED_CORPUS = REPO_ROOT / 'drp_foundry' / 'demo_corpus'
 
 torch.set_num_threads(1)
 
@@ -71,12 +72,26 @@ def _release_streaming_shm_after_each_module():
     release_dead_streaming_shm()
 
 
+def decompress_embedded_corpus(out: Path) -> Path:
+    """``out/<domain>.jsonl``: the embedded corpus decompressed, byte for byte (idempotent)."""
+    import zstandard
+
+    out.mkdir(parents=True, exist_ok=True)
+    for packed in sorted(EMBEDDED_CORPUS.glob('*.jsonl.zst')):
+        target = out / packed.name[:-len('.zst')]
+        if not target.exists():
+            with open(packed, 'rb') as f:
+                data = zstandard.ZstdDecompressor().stream_reader(f).read()
+            partial = target.with_suffix('.partial')
+            partial.write_bytes(data)
+            partial.replace(target)
+    return out
+
+
 @pytest.fixture(scope='session')
-def shared_sample_dir() -> Path:
-    """The seven-domain RedPajama sample that CI has beside the checkout."""
-    if not SHARED_SAMPLE.is_dir():
-        pytest.fail(f'shared sample not found at {SHARED_SAMPLE}; set DRP_SHARED_SAMPLE to its folder')
-    return SHARED_SAMPLE
+def sample_dir(tmp_path_factory) -> Path:
+    """The seven-domain sample as ``<domain>.jsonl`` files, decompressed from the embedded corpus."""
+    return decompress_embedded_corpus(tmp_path_factory.mktemp('sample'))
 
 
 def read_texts(jsonl: Path, limit: int | None = None) -> list[str]:
@@ -99,12 +114,12 @@ def write_trimmed_corpus(source: Path, out: Path, domains: list[str], documents:
 
 
 @pytest.fixture(scope='session')
-def tiny_tokenizer_dir(tmp_path_factory, shared_sample_dir) -> Path:
+def tiny_tokenizer_dir(tmp_path_factory, sample_dir) -> Path:
     """A 512-token byte-level BPE tokenizer trained offline on a slice of the sample (HF format)."""
     from data_prep.tokenizer import train_bpe_tokenizer
 
     texts = []
-    for jsonl in sorted(shared_sample_dir.glob('*.jsonl')):
+    for jsonl in sorted(sample_dir.glob('*.jsonl')):
         texts.extend(t[:4000] for t in read_texts(jsonl, limit=40))
     out = tmp_path_factory.mktemp('tokenizer')
     train_bpe_tokenizer(texts, vocab_size=512, out_dir=out)

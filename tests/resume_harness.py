@@ -230,11 +230,14 @@ if __name__ == '__main__':
     parser.add_argument('work', type=Path)
     parser.add_argument('--ranks', type=int, default=1)
     parser.add_argument('--kill-after', type=int, nargs='+', default=[4, 10])
-    parser.add_argument('--sample', type=Path, default=REPO.parent / 'shared' / 'data' / 'redpajama_sample')
+    parser.add_argument('--sample', type=Path, default=None,
+                        help='folder of <domain>.jsonl (default: the embedded corpus, decompressed under WORK)')
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    data = build_data(args.sample, args.work)
+    from conftest import decompress_embedded_corpus
+
+    data = build_data(args.sample or decompress_embedded_corpus(args.work / 'sample'), args.work)
     full = uninterrupted(args.work, data, args.ranks)
     print(f'uninterrupted: {full["seconds"]:.1f} s')
     reference = read_logged(full['run_dir'] / 'metrics.jsonl')

@@ -149,11 +149,14 @@ if __name__ == '__main__':
     parser = argparse.ArgumentParser()
     parser.add_argument('work', type=Path)
     parser.add_argument('--mode', choices=['ddp', 'fsdp2', 'both'], default='both')
-    parser.add_argument('--sample', type=Path, default=REPO.parent / 'shared' / 'data' / 'redpajama_sample')
+    parser.add_argument('--sample', type=Path, default=None,
+                        help='folder of <domain>.jsonl (default: the embedded corpus, decompressed under WORK)')
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    data = resume_harness.build_data(args.sample, args.work)
+    from conftest import decompress_embedded_corpus
+
+    data = resume_harness.build_data(args.sample or decompress_embedded_corpus(args.work / 'sample'), args.work)
     model_dir = write_tiny_llama(args.work / 'tiny-llama')
     single = train(args.work, data, model_dir, 'single', 'ddp', 1)
     print(f'1 rank: {single["seconds"]:.1f} s, losses {losses(single["run_dir"])}')

@@ -53,9 +53,9 @@ class Ctx:
 
 
 @pytest.fixture(scope='module')
-def ctx(tmp_path_factory, shared_sample_dir) -> Ctx:
+def ctx(tmp_path_factory, sample_dir) -> Ctx:
     work = tmp_path_factory.mktemp('bad_inputs')
-    data = build_data(shared_sample_dir, work)  # work/corpus -> work/data (3 domains, trained tokenizer)
+    data = build_data(sample_dir, work)  # work/corpus -> work/data (3 domains, trained tokenizer)
     config = json.loads(write_config(work / 'good.yaml', data, work / 'run').read_text())
     check_train_config(om.create(config))  # the starting point is good
     return Ctx(work, work / 'corpus', data, config)

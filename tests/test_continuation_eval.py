@@ -43,11 +43,11 @@ TRAIN_STEPS, SEQ_LEN, BATCH = 300, 128, 16
 
 
 @pytest.fixture(scope='module')
-def split_sample(shared_sample_dir, tmp_path_factory):
+def split_sample(sample_dir, tmp_path_factory):
     """(train text per domain, folder of held-out <domain>.jsonl)."""
     held_dir = tmp_path_factory.mktemp('heldout')
     train = {}
-    for jsonl in sorted(shared_sample_dir.glob('*.jsonl')):
+    for jsonl in sorted(sample_dir.glob('*.jsonl')):
         docs = read_texts(jsonl, limit=DOCUMENTS_PER_DOMAIN)
         cuts = [int(len(d) * (1 - HELD_OUT_FRACTION)) for d in docs]
         train[jsonl.stem] = ''.join(d[:c] for d, c in zip(docs, cuts))[:300_000]

@@ -27,9 +27,9 @@ def _digest(folder: Path) -> str:
 
 
 @pytest.fixture
-def small_corpus(tmp_path, shared_sample_dir) -> Path:
+def small_corpus(tmp_path, sample_dir) -> Path:
     """Three domains of the shared sample, trimmed so tests stay fast."""
-    corpus = write_trimmed_corpus(shared_sample_dir, tmp_path / 'corpus', DOMAINS, documents=6, characters=1500)
+    corpus = write_trimmed_corpus(sample_dir, tmp_path / 'corpus', DOMAINS, documents=6, characters=1500)
     return corpus
 
 

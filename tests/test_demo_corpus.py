@@ -39,11 +39,6 @@ def test_every_file_matches_the_digest_and_count_in_its_readme():
         assert data.count(b'\n') == documents, domain
 
 
-def test_it_is_the_shared_sample_in_full(shared_sample_dir):
-    for domain in DOMAINS:
-        assert _decompressed(domain) == (shared_sample_dir / f'{domain}.jsonl').read_bytes(), domain
-
-
 def test_data_prep_finds_the_seven_domains_and_ignores_the_readme_silently(caplog):
     with caplog.at_level(logging.WARNING):
         files = find_domain_files(DEMO_CORPUS)
@@ -100,7 +95,9 @@ def test_the_demo_resolves_everything_from_an_installed_wheel(wheel, tmp_path):
     assert all(line.split()[1].startswith(str(site / 'drp_foundry' / 'recipes' / 'demo')) for line in recipes)
     modules = [line for line in result.stdout.splitlines() if line.startswith('module') and 'drp_foundry' in line]
     assert len(modules) == 3 and all(str(site) in line for line in modules)
-    assert str(REPO) not in result.stdout
+    # nothing resolves into the checkout; the environment's own tools (Composer's launcher) may live in a venv
+    # inside it, as `make setup`'s default `.venv` does
+    assert str(REPO) not in result.stdout.replace(str(Path(sys.prefix).resolve()), '<venv>').replace(sys.prefix, '<venv>')
     assert not (elsewhere / 'runs').exists()  # --check writes nothing
     # the training entry the stages launch starts from the wheel
     result = run('-m', 'drp_foundry.train', '--help')

@@ -77,7 +77,7 @@ def test_seed_mean_rows_mean_and_range_only_for_multi_seed_groups(tmp_path):
 
 # -- the study's plumbing --------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
-def tiny_source(tmp_path_factory, tiny_tokenizer_dir, shared_sample_dir):
+def tiny_source(tmp_path_factory, tiny_tokenizer_dir, sample_dir):
     """A random 4-layer Llama + the tiny tokenizer in one HF directory, and a small 7-domain corpus."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -92,7 +92,7 @@ def tiny_source(tmp_path_factory, tiny_tokenizer_dir, shared_sample_dir):
     corpus = root / 'corpus'
     corpus.mkdir()
     for domain in DOMAINS:
-        texts = read_texts(shared_sample_dir / f'{domain}.jsonl', limit=12)
+        texts = read_texts(sample_dir / f'{domain}.jsonl', limit=12)
         with open(corpus / f'{domain}.jsonl', 'w') as f:
             for text in texts:
                 f.write(json.dumps({'text': text[:2500]}) + '\n')

@@ -46,9 +46,9 @@ def _export_digest(run_dir, out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('ranks', [1, 2])
-def test_killed_pruning_run_resumes_bitwise(tmp_path, shared_sample_dir, ranks):
+def test_killed_pruning_run_resumes_bitwise(tmp_path, sample_dir, ranks):
     started = time.perf_counter()
-    data = build_data(shared_sample_dir, tmp_path)
+    data = build_data(sample_dir, tmp_path)
     full = uninterrupted(tmp_path, data, ranks)
     reference = read_logged(full['run_dir'] / 'metrics.jsonl')
     steps = {r['step'] for r in reference}

@@ -199,12 +199,12 @@ def test_two_gloo_ranks_draw_disjoint_samples_on_one_domain_schedule(data_root, 
     np.testing.assert_array_equal(interleaved, reference)
 
 
-def test_reads_legacy_bytes_and_llmfoundry_concat_token_shards(tmp_path, tiny_tokenizer, shared_sample_dir):
+def test_reads_legacy_bytes_and_llmfoundry_concat_token_shards(tmp_path, tiny_tokenizer, sample_dir):
     from conftest import read_texts
     from llmfoundry.data.data import ConcatTokensDataset
 
     # LLM-Foundry's own writer path (convert_dataset_hf --concat_tokens): ConcatTokensDataset -> MDSWriter.
-    texts = [{'text': t} for t in read_texts(shared_sample_dir / 'wiki.jsonl', limit=20)]
+    texts = [{'text': t} for t in read_texts(sample_dir / 'wiki.jsonl', limit=20)]
     concat = ConcatTokensDataset(hf_dataset=texts, tokenizer=tiny_tokenizer, max_length=32,
                                  bos_text='', eos_text=tiny_tokenizer.eos_token, no_wrap=False)
     written = []

@@ -62,11 +62,11 @@ def test_the_loops_the_demo_produced_are_flagged(smollm2_tokenizer, text):
     assert find_repetition_loop(smollm2_tokenizer(text)['input_ids'][prompt:]) is not None
 
 
-def test_real_prose_is_rarely_flagged(smollm2_tokenizer, shared_sample_dir):
+def test_real_prose_is_rarely_flagged(smollm2_tokenizer, sample_dir):
     """24-token windows of the sample's prose domains: the screen must not call ordinary text a loop."""
     windows = flagged = 0
     for domain in ('book', 'wiki', 'cc', 'stackexchange'):
-        with open(shared_sample_dir / f'{domain}.jsonl') as f:
+        with open(sample_dir / f'{domain}.jsonl') as f:
             for _, line in zip(range(40), f):
                 ids = smollm2_tokenizer(json.loads(line)['text'][:3000])['input_ids']
                 for start in range(0, min(len(ids) - 24, 120), 24):

@@ -47,9 +47,9 @@ WALL = {}  # run -> seconds, printed with -s
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory, shared_sample_dir):
+def reference(tmp_path_factory, sample_dir):
     work = tmp_path_factory.mktemp('sharded')
-    data = build_data(shared_sample_dir, work)
+    data = build_data(sample_dir, work)
     model_dir = write_tiny_llama(work / 'tiny-llama')
     single = train(work, data, model_dir, 'single', 'ddp', 1)
     WALL['1 rank'] = single['seconds']

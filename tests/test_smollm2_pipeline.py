@@ -25,8 +25,8 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope='module')
-def smollm2_mds(tmp_path_factory, shared_sample_dir, smollm2_dir):
-    corpus = write_trimmed_corpus(shared_sample_dir, tmp_path_factory.mktemp('corpus'), DOMAINS, 3, 2500)
+def smollm2_mds(tmp_path_factory, sample_dir, smollm2_dir):
+    corpus = write_trimmed_corpus(sample_dir, tmp_path_factory.mktemp('corpus'), DOMAINS, 3, 2500)
     out = tmp_path_factory.mktemp('mds')
     build_domain_mds(corpus, out, tokenizer=str(smollm2_dir),
                      settings=PrepSettings(max_seq_len=128, min_eval_samples=3, max_eval_samples=3), overwrite=True)

@@ -17,8 +17,8 @@ DOMAINS = ['arxiv', 'book', 'c4-rp', 'cc', 'github', 'stackexchange', 'wiki']
 
 
 @pytest.fixture(scope='module')
-def demo_data(tmp_path_factory, shared_sample_dir):
-    corpus = write_trimmed_corpus(shared_sample_dir, tmp_path_factory.mktemp('corpus'), DOMAINS, 12, 3000)
+def demo_data(tmp_path_factory, sample_dir):
+    corpus = write_trimmed_corpus(sample_dir, tmp_path_factory.mktemp('corpus'), DOMAINS, 12, 3000)
     out = tmp_path_factory.mktemp('mds')
     build_domain_mds(corpus, out, train_tokenizer_vocab=2048,
                      settings=PrepSettings(max_seq_len=64, max_train_samples=64, max_eval_samples=8), overwrite=True)
