@@ -1,8 +1,8 @@
 # drp-foundry: one command to set up, one for the main job, one for the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The corpus of the demos: by default the embedded seven-domain sample (drp_foundry/demo_corpus/PROVENANCE.md).
-CORPUS ?= drp_foundry/demo_corpus
+# The corpus of the demos: by default the embedded seven-domain sample (provenance: drp_foundry/demo/corpus/README.md).
+CORPUS ?= drp_foundry/demo/corpus
 POLICY ?= drpruning
 
 .PHONY: setup demo demo-tiny test test-fast lint
@@ -11,10 +11,10 @@ setup:            ## venv + pinned stack + drp-foundry (editable) + SmolLM2 as a
 	VENV=$(VENV) bash scripts/setup.sh
 
 demo:             ## the main job on CPU: prune SmolLM2-135M -> export -> continued pretraining, per-domain table
-	PATH=$(VENV)/bin:$$PATH $(PY) -m drp_foundry.demo --corpus $(CORPUS) --policy $(POLICY)
+	PATH=$(VENV)/bin:$$PATH $(PY) -m drp_foundry.commands.demo --corpus $(CORPUS) --policy $(POLICY)
 
 demo-tiny:        ## a 24-step run of a tiny random Llama on per-domain MDS (a minute)
-	$(PY) -m data_prep.build_domain_mds --corpus $(CORPUS) --out data/demo-tiny --train-tokenizer 2048 --max-seq-len 128
+	$(PY) -m drp_foundry.commands.data_prep --corpus $(CORPUS) --out data/demo-tiny --train-tokenizer 2048 --max-seq-len 128
 	$(PY) train.py yamls/demo/tiny_llama.yaml variables.data_root=data/demo-tiny
 
 test:             ## the whole test suite (CPU)

@@ -40,10 +40,10 @@ ENTRY_POINTS = {
         'dro = drp_foundry.scheduling.policies:DROPolicy',
         'drpruning = drp_foundry.scheduling.policies:DRPruningPolicy',
     ],
-    # The commands' logic is in drp_foundry/commands/ (one module each); `python -m` entries call the same main.
+    # drp_foundry/commands/ is the only place that parses arguments; `python -m drp_foundry.commands.NAME` works too.
     'console_scripts': [
-        'drp-prepare-data = drp_foundry.commands.prepare_data:main',
-        'drp-hf-corpora = drp_foundry.commands.hf_corpora:main',
+        'drp-prepare-data = drp_foundry.commands.data_prep:prepare_data_main',
+        'drp-hf-corpora = drp_foundry.commands.data_prep:hf_corpora_main',
         'drp-train = drp_foundry.commands.train:main',
         'drp-demo = drp_foundry.commands.demo:main',
         'drp-export = drp_foundry.commands.export:main',
@@ -51,6 +51,7 @@ ENTRY_POINTS = {
         'drp-eval = drp_foundry.commands.eval:main',
         'drp-domain-loss = drp_foundry.commands.domain_loss:main',
         'drp-loop-rate = drp_foundry.commands.loop_rate:main',
+        'drp-reference-losses = drp_foundry.commands.reference_losses:main',
     ],
 }
 
@@ -58,7 +59,7 @@ setup(
     name='drp-foundry',
     version='0.1.0',
     description=__doc__,
-    # the code; the embedded demo corpus keeps its sources' own licences (drp_foundry/demo_corpus/README.md)
+    # the code; the embedded demo corpus keeps its sources' own licences (drp_foundry/demo/corpus/README.md)
     license='Apache-2.0',
     license_files=['LICENSE'],
     python_requires='>=3.10',
@@ -80,9 +81,9 @@ setup(
         'eval': ['lm-eval==0.4.8', 'peft==0.15.2'],
     },
     package_data={'drp_foundry.eval': ['lm_eval_tasks/*.yaml'],
-                  # the demo's default corpus (3.4 MB), so `python -m drp_foundry.demo` works from a wheel
-                  'drp_foundry': ['demo_corpus/*.jsonl.zst', 'demo_corpus/README.md',
-                                  # the demo's recipes (yamls/demo/smollm2_*.yaml link to them)
-                                  'recipes/demo/*.yaml']},
+                  # the demo's default corpus (3.4 MB), so `drp-demo` works from a wheel
+                  'drp_foundry.demo': ['corpus/*.jsonl.zst', 'corpus/README.md',
+                                       # the demo's recipes (yamls/demo/smollm2_*.yaml link to them)
+                                       'recipes/*.yaml']},
     entry_points=ENTRY_POINTS,
 )

@@ -5,7 +5,7 @@ Foundry commands as the demo (``drp_foundry/demo.py``), with identical seed, ste
 learning rates and eval cadence; only ``variables.policy`` differs::
 
     composer -n 1 train.py PRUNE_YAML    ...      prune SmolLM2-135M to the demo target
-    python -m drp_foundry.export CKPT DIR          fold masks, slice -> HF directory
+    drp-export CKPT DIR          fold masks, slice -> HF directory
     composer -n 1 train.py CONTINUE_YAML ...      optional continued pretraining (same policy)
     evaluate_domains(model, eval data)             per-domain loss on held-out text
 
@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from drp_foundry.commands.demo import DEMO_CORPUS, POLICIES, run_logged, scheduler_overrides, train_command
+from drp_foundry.demo.pipeline import DEMO_CORPUS, POLICIES, run_logged, scheduler_overrides, train_command
 from drp_foundry.eval.fidelity_table import (
     format_table,
     plot_fidelity,
@@ -332,7 +332,7 @@ def run_policy(work: Path, settings: StudySettings, policy: str, seed: int, doma
     prune_result = run_stage(f'{label}: prune ({settings.prune_steps} steps)', base / 'prune.done.json', prune)
 
     def export() -> dict[str, Any]:
-        launch([sys.executable, '-m', 'drp_foundry.export', prune_result['checkpoint'], str(pruned_model),
+        launch([sys.executable, '-m', 'drp_foundry.commands.export', prune_result['checkpoint'], str(pruned_model),
                 '--overwrite'], base / 'export.log')
         report = json.loads((pruned_model / 'pruning_report.json').read_text())
         return {'model_dir': str(pruned_model), 'params_before': report['params_before'],

@@ -1,6 +1,6 @@
 """Quality per token: SmolLM2-135M -> the demo's 50.3M target by five paths at one token budget.
 
-    python bench/quality_per_token.py [--corpus drp_foundry/demo_corpus] [--tokens 204800] [--paths abcde]
+    python bench/quality_per_token.py [--corpus drp_foundry/demo/corpus] [--tokens 204800] [--paths abcde]
 
 A finished path is stored in WORK/paths/KEY.json with the settings that made it; a rerun with the
 same settings reuses it (``--no-reuse`` reruns), so paths can run in separate processes (one per
@@ -43,10 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drp_foundry.commands.demo import DEMO_CORPUS
 from drp_foundry.composer.distillation import apply_distillation, load_teacher
 from drp_foundry.composer.lagrangian_updater import apply_lagrangian
 from drp_foundry.composer.mask_learner import apply_mask_learner, init_masks_from_importance
+from drp_foundry.demo.pipeline import DEMO_CORPUS
 from drp_foundry.oneshot import oneshot_prune
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
 from drp_foundry.pruning.export import fold_and_slice

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from data_prep.build_domain_mds import find_domain_files, read_documents
-from drp_foundry.commands.demo import DEMO_CORPUS
+from drp_foundry.demo.pipeline import DEMO_CORPUS
 from drp_foundry.scheduling.reference_losses import pilot_reference_losses
 from drp_foundry.scheduling.reference_ratio import temperature_smoothed_ratio
 

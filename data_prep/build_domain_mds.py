@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -361,7 +360,7 @@ def tokens_to_samples(docs: list[str], tokenizer, max_seq_len: int, seed: int, d
 
     A progress bar (characters tokenised) named ``desc`` shows on a terminal; ``progress`` forces it on or off.
     """
-    from drp_foundry.progress import progress_bar
+    from data_prep.progress import progress_bar
 
     order = np.random.default_rng(seed).permutation(len(docs))
     eos = tokenizer.eos_token_id
@@ -514,9 +513,3 @@ def build_domain_mds(corpus: str | Path, out: str | Path, *, domains: list[str] 
     os.replace(staging, out)
     shutil.rmtree(old_dir, ignore_errors=True)
     return manifest
-
-
-if __name__ == '__main__':
-    from drp_foundry.commands.prepare_data import main
-
-    sys.exit(main())

@@ -8,7 +8,7 @@ read), routes every document to its domain, stops each domain at its cap, and wr
     OUT/<domain>/part-00000.jsonl, part-00001.jsonl, ...   one {"text": ...} per line
     OUT/hf_export.json                                     source, caps, counts per domain
 
-which is the ``<domain>/*.jsonl`` layout ``python -m data_prep.build_domain_mds --corpus OUT``
+which is the ``<domain>/*.jsonl`` layout ``drp-prepare-data --corpus OUT``
 reads. Domains:
 
 - SlimPajama (``cerebras/SlimPajama-627B``): the field ``meta.redpajama_set_name`` names the
@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ from drp_foundry.fileio import atomic_write_text, replace_folder
 log = logging.getLogger(__name__)
 
 __all__ = ['SLIMPAJAMA', 'SLIMPAJAMA_DOMAINS', 'CULTURAX', 'CULTURAX_LANGUAGES', 'EXPORT_MANIFEST', 'DomainCap',
-           'CorpusExportError', 'resolve_caps', 'export_records', 'export_slimpajama', 'export_culturax', 'main']
+           'CorpusExportError', 'resolve_caps', 'export_records', 'export_slimpajama', 'export_culturax']
 
 SLIMPAJAMA = 'cerebras/SlimPajama-627B'
 SLIMPAJAMA_DOMAINS = {
@@ -320,9 +319,3 @@ def _expand_caps(cap: Cap, domains: list[str]) -> Cap:
         return cap
     default = cap.pop('__default__')
     return {**{d: default for d in domains if default is not None}, **cap}
-
-
-if __name__ == '__main__':
-    from drp_foundry.commands.hf_corpora import main
-
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``python -m drp_foundry.export CHECKPOINT OUT_DIR``: a pruning checkpoint -> a dense, smaller HF model.
+"""``drp-export CHECKPOINT OUT_DIR``: a pruning checkpoint -> a dense, smaller HF model.
 
 Reads a Composer checkpoint of a pruning run (monolithic ``.pt`` file, or the directory of a
 sharded ``torch.distributed.checkpoint`` save), rebuilds the Hugging Face model from the config
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -207,9 +206,3 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
                                              record['granularities'], dtype, source=source), name=out_dir.name)
         check_output_dir(out_dir, overwrite, inputs)  # nothing appeared meanwhile
     return report
-
-
-if __name__ == '__main__':
-    from drp_foundry.commands.export import main
-
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """The model card (``README.md``) of an exported model folder.
 
-``python -m drp_foundry.export`` writes it beside the weights: the source model, the pruned
+``drp-export`` writes it beside the weights: the source model, the pruned
 architecture against the source's, parameter counts, what the pruning run learned and for
 how long (batches, samples, tokens), the data scheduler's policy and final mixture, and the
 per-domain eval loss when it is known. The facts are kept in ``model_card.json`` too, so a

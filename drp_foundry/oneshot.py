@@ -19,7 +19,6 @@ model, the tokenizer and ``pruning_report.json``, written atomically (as ``drp-e
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -201,9 +200,3 @@ def prune_directory(model_dir: str | Path, out_dir: str | Path, target: TargetAr
                                              record['target'], list(GRANULARITIES), 'float32', source=str(model_dir)),
                          name=out_dir.name)
     return report
-
-
-if __name__ == '__main__':
-    from drp_foundry.commands.oneshot import main
-
-    sys.exit(main())

@@ -35,9 +35,9 @@ fi
 
 mkdir -p models
 if [ -n "${MODEL_CACHE:-}" ]; then
-    "$VENV/bin/python" -m drp_foundry.sources.smollm2 --out "$MODEL_CACHE/smollm2-135m"
+    "$VENV/bin/python" -m drp_foundry.commands.smollm2 --out "$MODEL_CACHE/smollm2-135m"
     if [ ! -e models/smollm2-135m ]; then ln -s "$MODEL_CACHE/smollm2-135m" models/smollm2-135m; fi
 else
-    "$VENV/bin/python" -m drp_foundry.sources.smollm2 --out models/smollm2-135m
+    "$VENV/bin/python" -m drp_foundry.commands.smollm2 --out models/smollm2-135m
 fi
 echo "[setup] done: $VENV/bin/python"

@@ -11,7 +11,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The seven-domain RedPajama sample ships in the package, zstd-compressed (its README gives provenance and digests).
-EMBEDDED_CORPUS = REPO_ROOT / 'drp_foundry' / 'demo_corpus'
+EMBEDDED_CORPUS = REPO_ROOT / 'drp_foundry' / 'demo' / 'corpus'
 
 torch.set_num_threads(1)
 

@@ -156,7 +156,7 @@ def read_logged(metrics: Path) -> list[dict]:
 
 
 def export(run_dir: Path, out: Path) -> Path:
-    subprocess.run([sys.executable, '-m', 'drp_foundry.export', str(run_dir / 'checkpoints' / 'latest-rank0.pt'),
+    subprocess.run([sys.executable, '-m', 'drp_foundry.commands.export', str(run_dir / 'checkpoints' / 'latest-rank0.pt'),
                     str(out)],
                    check=True, capture_output=True, cwd=REPO, env=_env(), timeout=300)
     return out

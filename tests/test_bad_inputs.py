@@ -162,12 +162,12 @@ def _foreign_in_data_root(c: Ctx, name: str) -> str:
 
 
 def _prep_cli(args: list[str]) -> Callable[[Ctx, str], str]:
-    """``python -m data_prep.build_domain_mds`` (its ``main``): exit status 2 and the message, no traceback."""
+    """``drp-prepare-data`` (its ``main``): exit status 2 and the message, no traceback."""
     def run(c: Ctx, name: str) -> str:
         import contextlib
         import io
 
-        from drp_foundry.commands.prepare_data import main
+        from drp_foundry.commands.data_prep import prepare_data_main as main
 
         out, err = c.case_dir(name) / 'out', io.StringIO()
         with contextlib.redirect_stderr(err):
@@ -290,7 +290,7 @@ def export_case(setup: Callable[[Path], tuple[list[str], Path]]) -> Callable[[Ct
         folder = c.case_dir(name)
         args, keep = setup(folder)
         before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*'))
-        result = subprocess.run([sys.executable, '-m', 'drp_foundry.export', *args], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, '-m', 'drp_foundry.commands.export', *args], capture_output=True, text=True,
                                 cwd=REPO, timeout=120) if name.endswith('cli') else None
         if result is None:
             import contextlib

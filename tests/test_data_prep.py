@@ -126,7 +126,7 @@ def test_line_without_text_names_file_and_line(small_corpus, tmp_path, tiny_toke
 
 
 def test_cli_reports_errors_without_traceback(small_corpus, tmp_path, capsys):
-    from drp_foundry.commands.prepare_data import main
+    from drp_foundry.commands.data_prep import prepare_data_main as main
 
     code = main(['--corpus', str(small_corpus), '--out', str(tmp_path / 'o'), '--tokenizer',
                  str(tmp_path / 'nope')])

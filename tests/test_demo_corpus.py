@@ -18,7 +18,7 @@ import zstandard
 from conftest import copy_tracked_files
 
 from data_prep.build_domain_mds import find_domain_files
-from drp_foundry.commands.demo import DEMO_CORPUS
+from drp_foundry.demo.pipeline import DEMO_CORPUS
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ['arxiv', 'book', 'c4-rp', 'cc', 'github', 'stackexchange', 'wiki']
@@ -61,11 +61,11 @@ def wheel(tmp_path_factory) -> Path:
 def test_the_wheel_ships_the_corpus_and_the_makefile_defaults_to_it(wheel):
     with zipfile.ZipFile(wheel) as archive:
         shipped = {name: archive.getinfo(name).file_size for name in archive.namelist()
-                   if name.startswith('drp_foundry/demo_corpus/')}
-    assert sorted(shipped) == sorted([f'drp_foundry/demo_corpus/{d}.jsonl.zst' for d in DOMAINS]
-                                     + ['drp_foundry/demo_corpus/README.md'])
+                   if name.startswith('drp_foundry/demo/corpus/')}
+    assert sorted(shipped) == sorted([f'drp_foundry/demo/corpus/{d}.jsonl.zst' for d in DOMAINS]
+                                     + ['drp_foundry/demo/corpus/README.md'])
     assert sum(shipped.values()) < 5_000_000
-    assert re.search(r'^CORPUS \?= drp_foundry/demo_corpus$', (REPO / 'Makefile').read_text(), re.M)
+    assert re.search(r'^CORPUS \?= drp_foundry/demo/corpus$', (REPO / 'Makefile').read_text(), re.M)
 
 
 def test_the_demo_resolves_everything_from_an_installed_wheel(wheel, tmp_path):
@@ -85,24 +85,24 @@ def test_the_demo_resolves_everything_from_an_installed_wheel(wheel, tmp_path):
 
     result = run('-c', 'import drp_foundry, data_prep; print(drp_foundry.__file__, data_prep.__file__)')
     assert result.stdout.split() == [str(site / 'drp_foundry' / '__init__.py'), str(site / 'data_prep' / '__init__.py')]
-    result = run('-m', 'drp_foundry.demo', '--check', '--work', 'runs/demo')
+    result = run('-m', 'drp_foundry.commands.demo', '--check', '--work', 'runs/demo')
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
-    assert str(site / 'drp_foundry' / 'demo_corpus') in lines['corpus'] and '7 domains' in lines['corpus']
+    assert str(site / 'drp_foundry' / 'demo' / 'corpus') in lines['corpus'] and '7 domains' in lines['corpus']
     assert str(elsewhere / 'models' / 'smollm2-135m') in lines['source']  # the default source: under the cwd
     recipes = [line for line in result.stdout.splitlines() if line.startswith('recipe')]
     assert [Path(line.split()[1]).name for line in recipes] == ['smollm2_prune.yaml', 'smollm2_continue.yaml']
-    assert all(line.split()[1].startswith(str(site / 'drp_foundry' / 'recipes' / 'demo')) for line in recipes)
+    assert all(line.split()[1].startswith(str(site / 'drp_foundry' / 'demo' / 'recipes')) for line in recipes)
     modules = [line for line in result.stdout.splitlines() if line.startswith('module') and 'drp_foundry' in line]
-    assert len(modules) == 3 and all(str(site) in line for line in modules)
+    assert len(modules) == 4 and all(str(site) in line for line in modules)
     # nothing resolves into the checkout; the environment's own tools (Composer's launcher) may live in a venv
     # inside it, as `make setup`'s default `.venv` does
     assert str(REPO) not in result.stdout.replace(str(Path(sys.prefix).resolve()), '<venv>').replace(sys.prefix, '<venv>')
     assert not (elsewhere / 'runs').exists()  # --check writes nothing
     # the training entry the stages launch starts from the wheel
-    result = run('-m', 'drp_foundry.train', '--help')
-    assert result.returncode == 0 and 'composer -m drp_foundry.train' in result.stdout
+    result = run('-m', 'drp_foundry.commands.train', '--help')
+    assert result.returncode == 0 and 'composer -m drp_foundry.commands.train' in result.stdout
     # a missing source model is named with the way to make it
     shutil.rmtree(elsewhere / 'models')
-    result = run('-m', 'drp_foundry.demo', '--check')
+    result = run('-m', 'drp_foundry.commands.demo', '--check')
     assert result.returncode != 0 and 'drp_foundry.sources.smollm2 --out models/smollm2-135m' in result.stderr

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from drp_foundry.commands.demo import plot_demo
+from drp_foundry.demo.pipeline import plot_demo
 
 DOMAINS = ['arxiv', 'wiki']
 

@@ -29,7 +29,7 @@ def _alive(pid: int) -> bool:
 def test_sigterm_to_the_demo_reaches_its_stage_and_says_how_to_resume(tmp_path: Path):
     pid_file = tmp_path / 'stage.pid'
     demo = subprocess.Popen(
-        [sys.executable, '-c', 'import sys; from pathlib import Path; from drp_foundry.commands.demo import run_logged; '
+        [sys.executable, '-c', 'import sys; from pathlib import Path; from drp_foundry.demo.pipeline import run_logged; '
          'run_logged([sys.executable, "-c", sys.argv[1], sys.argv[2]], Path(sys.argv[3]))',
          STAGE, str(pid_file), str(tmp_path / 'stage.log')],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

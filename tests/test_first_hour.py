@@ -39,13 +39,13 @@ def test_the_demo_runs_from_a_fresh_copy_with_no_shared_folder(tmp_path):
     # registers them) and models/smollm2-135m; a converted folder of the earlier layout is upgraded in place.
     run('setup.py', '-q', 'egg_info', timeout=300)
     shutil.copytree(SMOLLM2.resolve(), clone / 'models' / 'smollm2-135m')
-    run('-m', 'drp_foundry.sources.smollm2', '--out', 'models/smollm2-135m', timeout=600)
+    run('-m', 'drp_foundry.commands.smollm2', '--out', 'models/smollm2-135m', timeout=600)
 
     work = tmp_path / 'work'
-    out = run('-m', 'drp_foundry.demo', '--continue-steps', '6', '--eval-every', '3',
+    out = run('-m', 'drp_foundry.commands.demo', '--continue-steps', '6', '--eval-every', '3',
               '--max-seq-len', '64', '--work', str(work), timeout=1800)
 
-    # the data stage read the embedded corpus (the clone's drp_foundry/demo_corpus)
+    # the data stage read the embedded corpus (the clone's drp_foundry/demo/corpus)
     manifest = json.loads((work / 'data' / 'manifest.json').read_text())
     assert {d: info['documents'] for d, info in manifest['domains'].items()} == EMBEDDED_DOCUMENTS
     # the default path: one-shot pruning, then continued pretraining with one eval loader per

@@ -22,7 +22,7 @@ from data_prep.hf_corpora import (
     export_culturax,
     export_slimpajama,
 )
-from drp_foundry.commands.hf_corpora import main
+from drp_foundry.commands.data_prep import hf_corpora_main as main
 
 SET_NAMES = list(SLIMPAJAMA_DOMAINS)  # RedPajamaCommonCrawl, RedPajamaC4, ...
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from drp_foundry.progress import StepTimer, format_duration, parse_batch_line, progress_bar
+from data_prep.progress import progress_bar
+from drp_foundry.demo.progress import StepTimer, format_duration, parse_batch_line
 
 
 def test_durations_read_naturally():

@@ -80,7 +80,7 @@ def test_demo_samples_report_the_loop_of_a_model_that_always_says_the_same_token
                                                                                  llama_config):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from drp_foundry.commands.demo import generate_samples
+    from drp_foundry.demo.pipeline import generate_samples
 
     model = AutoModelForCausalLM.from_config(llama_config)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from drp_foundry.scheduling.reference_losses import (
     pilot_reference_losses,
     size_law_reference_losses,
 )
-from drp_foundry.scheduling.reference_losses import main as reference_main
+from drp_foundry.commands.reference_losses import main as reference_main
 from drp_foundry.scheduling.reference_ratio import update_reference_ratio
 from drp_foundry.scheduling.registry import (
     ENTRY_POINT_GROUP,
@@ -237,7 +237,7 @@ def test_reference_losses_cli_reads_a_pilot_metrics_file(tmp_path, capsys):
 
 
 def test_demo_takes_target_size_references_from_a_file_then_a_constant_pilot(tmp_path):
-    from drp_foundry.commands.demo import scheduler_overrides, target_reference_losses
+    from drp_foundry.demo.pipeline import scheduler_overrides, target_reference_losses
 
     source = {'a': 2.0, 'b': 3.0}
     refs, origin = target_reference_losses(tmp_path, None, source)

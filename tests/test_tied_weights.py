@@ -95,7 +95,7 @@ def test_untied_models_are_left_alone(tmp_path):
 
 
 def test_an_earlier_smollm2_conversion_is_upgraded_in_place_without_the_gguf(tmp_path, tiny_tokenizer, monkeypatch):
-    from drp_foundry.sources import smollm2
+    from drp_foundry.demo import smollm2
 
     model_dir, _ = _tied_model_dir(tmp_path / 'converted')
     (model_dir / smollm2.MARKER).write_text(json.dumps({'source': 'x', 'dtype': 'float32'}))  # layout 1
@@ -117,7 +117,7 @@ def test_a_fresh_smollm2_conversion_loads_through_foundry_without_the_warning(tm
 import torch
 from transformers import AutoTokenizer
 from llmfoundry.utils.builders import build_composer_model
-from drp_foundry.sources.smollm2 import convert
+from drp_foundry.demo.smollm2 import convert
 convert({str(out)!r})
 tokenizer = AutoTokenizer.from_pretrained({str(out)!r})
 model = build_composer_model(name='hf_causal_lm', tokenizer=tokenizer,

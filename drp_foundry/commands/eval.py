@@ -114,7 +114,7 @@ def _build(args) -> dict:
 def _score(args) -> dict:
     if not (Path(args.model_dir) / 'config.json').is_file():
         raise FileNotFoundError(f'score: MODEL_DIR {args.model_dir} is not a Hugging Face model folder (no config.json); '
-                         'pass the output of `python -m drp_foundry.export` or a save_pretrained folder')
+                         'pass the output of `drp-export` or a save_pretrained folder')
     if not Path(args.items).is_file():
         raise FileNotFoundError(f'score: items file {args.items} does not exist; write it with the `build` command')
     items = read_items(args.items)

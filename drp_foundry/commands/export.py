@@ -1,4 +1,4 @@
-"""``drp-export CHECKPOINT OUT_DIR`` (or ``python -m drp_foundry.export``): the command over ``drp_foundry.export``."""
+"""``drp-export CHECKPOINT OUT_DIR`` (or ``drp-export``): the command over ``drp_foundry.export``."""
 
 from __future__ import annotations
 

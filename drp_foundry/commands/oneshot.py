@@ -1,4 +1,4 @@
-"""``drp-prune-oneshot MODEL OUT_DIR --target ... --calibration DATA`` (or ``python -m drp_foundry.oneshot``)."""
+"""``drp-prune-oneshot MODEL OUT_DIR --target ... --calibration DATA`` (or ``drp-prune-oneshot``)."""
 
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 Same command line as LLM-Foundry's ``scripts/train/train.py``::
 
-    composer -m drp_foundry.train CONFIG.yaml [key=value ...]   # multi-GPU / multi-node launcher
-    composer train.py CONFIG.yaml [key=value ...]               # the same, from a checkout
-    python -m drp_foundry.train CONFIG.yaml [key=value ...]     # one process, e.g. on CPU (or drp-train)
+    composer -m drp_foundry.commands.train CONFIG.yaml [key=value ...]   # multi-GPU / multi-node launcher
+    composer train.py CONFIG.yaml [key=value ...]                        # the same, from a checkout
+    drp-train CONFIG.yaml [key=value ...]                                # one process, e.g. on CPU
 
 drp-foundry's components are found through LLM-Foundry's registries (entry points of the
 installed ``drp-foundry`` distribution); nothing here registers them.
@@ -39,3 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger('drp_foundry').setLevel(str(level).upper())
     train_from_yaml(yaml_path, overrides)
     return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -100,7 +100,7 @@ def _check_local_mds(where: str, local: str | None, remote: str | None, split: s
     path = Path(local) / split if split else Path(local)
     if not (path / 'index.json').is_file():
         raise ConfigError(f'{where}: no MDS dataset at {path} (index.json missing). Build it with '
-                          '`python -m data_prep.build_domain_mds --corpus ... --out ...` or fix the path')
+                          '`drp-prepare-data --corpus ... --out ...` or fix the path')
 
 
 def _check_multidomain(where: str, loader: dict[str, Any]) -> None:
@@ -285,7 +285,7 @@ def _read_manifest(data_root: Path, where: str, require: bool) -> dict | None:
         if partial or require:
             raise ConfigError(f'{where}: {data_root} has no manifest.json, so it is not a complete data_prep build'
                               f'{" (an unfinished build left " + str(partial) + ")" if partial else ""}; rebuild it '
-                              'with `python -m data_prep.build_domain_mds`, or set require_manifest: false in the '
+                              'with `drp-prepare-data`, or set require_manifest: false in the '
                               'dataset section for shards written by another tool')
         return None
     try:

@@ -92,7 +92,7 @@ def domain_eval_loaders(entry: dict[str, Any], cfg: dict[str, Any], where: str =
         local = os.path.join(str(data_root), domain)
         if check_folders and not remote_root and not os.path.isfile(os.path.join(local, split, 'index.json')):
             raise DomainEvalsError(f'{where}: no MDS eval split for domain {domain!r} at {os.path.join(local, split)} '
-                                   '(index.json missing); build it with `python -m data_prep.build_domain_mds`, or '
+                                   '(index.json missing); build it with `drp-prepare-data`, or '
                                    f'fix {where}.data_root / split')
         dataset = {'local': local, 'split': split, 'shuffle': False, 'max_seq_len': max_seq_len}
         if remote_root:

@@ -39,7 +39,7 @@ DATASET_KEYS = ('domains', 'proportions', 'max_seq_len', 'data_root', 'split', '
                 'prefetch',
                 'require_manifest',  # read by the pre-flight check only: false accepts shards not built by data_prep
                 ) + STREAMING_KEYS
-_BUILD_HINT = '`python -m data_prep.build_domain_mds --corpus ... --out ...`'
+_BUILD_HINT = '`drp-prepare-data --corpus ... --out ...`'
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ def load_causal_lm(model_dir: str | Path, device: str | torch.device = 'cpu', to
     model_dir = Path(model_dir)
     if not (model_dir / 'config.json').is_file():
         raise FileNotFoundError(f'{model_dir} is not a Hugging Face model directory (no config.json); pass the '
-                                'folder written by `python -m drp_foundry.export` or `save_pretrained`')
+                                'folder written by `drp-export` or `save_pretrained`')
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, torch_dtype=torch_dtype)
     return model.to(device).eval(), tokenizer

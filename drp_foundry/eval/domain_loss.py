@@ -37,7 +37,7 @@ def check_inputs(model_dir: str | Path, data_root: str | Path, domains: Sequence
     if not (model_dir / 'config.json').is_file():
         what = 'does not exist' if not model_dir.exists() else 'has no config.json'
         raise DomainLossError(f'MODEL_DIR {model_dir} {what}; pass a Hugging Face model folder (the output of '
-                              '`python -m drp_foundry.export`, or a save_pretrained folder). Nothing is downloaded')
+                              '`drp-export`, or a save_pretrained folder). Nothing is downloaded')
     if not data_root.is_dir():
         raise DomainLossError(f'DATA_ROOT {data_root} does not exist; pass the --out folder of data_prep')
     try:

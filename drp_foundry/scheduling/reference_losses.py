@@ -14,7 +14,7 @@ Two ways to obtain them:
 - ``size_law_reference_losses``: when per-domain losses of several source sizes are known
   (a model family), fit l(N) = E + A N^-alpha per domain and predict at the target N.
 
-``python -m drp_foundry.scheduling.reference_losses pilot runs/<pilot>/metrics.jsonl`` prints
+``drp-reference-losses pilot runs/<pilot>/metrics.jsonl`` prints
 the mapping to paste into ``policy.reference_losses``.
 
 Pure numpy/scipy; no Composer import.
@@ -22,8 +22,6 @@ Pure numpy/scipy; no Composer import.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from collections.abc import Mapping, Sequence
 
@@ -106,26 +104,3 @@ def losses_from_metrics_jsonl(path: str, prefix: str = 'drp/domain_eval_loss/') 
     if not evaluations:
         raise ValueError(f'{path}: no `{prefix}<domain>` metrics; log them with the drp_domain_eval_loss callback')
     return evaluations
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description='Target-size reference losses for drp_dynamic_loading policies.')
-    sub = parser.add_subparsers(dest='mode', required=True)
-    pilot = sub.add_parser('pilot', help='mean per-domain eval loss of the last evaluations of a pilot run')
-    pilot.add_argument('metrics', help='the pilot\'s metrics.jsonl (drp_jsonl logger)')
-    pilot.add_argument('--last', type=int, default=3)
-    fit = sub.add_parser('fit', help='per-domain l(N) fit over source sizes')
-    fit.add_argument('losses', help='JSON file {"sizes": [...], "losses": {domain: [...]}}')
-    fit.add_argument('--target-size', type=float, required=True)
-    args = parser.parse_args(argv)
-    if args.mode == 'pilot':
-        refs = pilot_reference_losses(losses_from_metrics_jsonl(args.metrics), last=args.last)
-    else:
-        spec = json.loads(open(args.losses, encoding='utf-8').read())
-        refs = size_law_reference_losses(spec['sizes'], spec['losses'], args.target_size)
-    print(json.dumps({d: round(v, 4) for d, v in refs.items()}))
-    return 0
-
-
-if __name__ == '__main__':
-    raise SystemExit(main())

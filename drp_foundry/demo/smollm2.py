@@ -6,14 +6,12 @@ The package ships SmolLM2-135M-Instruct as one 4-bit GGUF file. ``transformers``
 from disk. Idempotent: an existing complete output is left alone. Atomic: written to a
 temporary folder and renamed.
 
-    python -m drp_foundry.sources.smollm2 --out models/smollm2-135m
+    python -m drp_foundry.commands.smollm2 --out models/smollm2-135m   (make setup runs it)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -122,24 +120,3 @@ def convert(out_dir: str | Path, force: bool = False) -> Path:
                                               'num_parameters': n_params, 'dtype': 'float32', 'layout': LAYOUT},
                                              indent=2))
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description='Convert the offline SmolLM2-135M GGUF to a HF directory.')
-    parser.add_argument('--out', default='models/smollm2-135m')
-    parser.add_argument('--force', action='store_true', help='convert again even if the output exists')
-    args = parser.parse_args(argv)
-    try:
-        already = is_converted(Path(args.out)) and not args.force
-        earlier = not already and not args.force and _marker(Path(args.out)) is not None
-        out = convert(args.out, force=args.force)
-    except SourceModelError as err:
-        print(f'smollm2: error: {err}', file=sys.stderr)
-        return 2
-    done = 'already at' if already else f'updated to layout {LAYOUT} at' if earlier else 'written to'
-    print(f'SmolLM2-135M {done} {out}')
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -1,12 +1,9 @@
-"""Progress for long commands: which stage, which step, and when it will be done.
-
-Small pieces any command can use (the demo and data_prep do):
+"""The demo's progress display: which stage, which step, and when it will be done.
 
 - ``StepTimer``: the rate of a loop of known length and its ETA, measured from the first step it
   sees (so start-up time and resumed steps do not distort it).
 - ``parse_batch_line``: the step and total of a Composer console line (``[batch=12/60]``), to
   follow a ``composer train.py`` subprocess.
-- ``progress_bar``: a tqdm bar that shows on a terminal and stays silent in logs and tests.
 """
 
 from __future__ import annotations
@@ -76,11 +73,3 @@ class StepTimer:
         if eta is not None:
             text += f', ETA {format_duration(eta)}'
         return text
-
-
-def progress_bar(total: float | None = None, desc: str = '', unit: str = 'it', disable: bool | None = None, **kwargs):
-    """A tqdm bar on stderr; ``disable=None`` shows it only on a terminal (logs and tests stay clean)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=disable, dynamic_ncols=True,
-                leave=False, **kwargs)

@@ -1,1 +1,0 @@
-"""Source models that ship offline (no hub), turned into local Hugging Face directories."""
