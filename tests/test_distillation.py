@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from drp_foundry.composer.distillation import Distillation
 from drp_foundry.composer.lagrangian_updater import LagrangianUpdater
 from drp_foundry.composer.mask_learner import MaskLearner
-from drp_foundry.pruning.distillation import combine_losses, distillation_kl
+from drp_foundry.losses.distillation import combine_losses, distillation_kl
 
 GQA_TARGET = dict(layers=2, hidden=48, heads=3, intermediate=80)
 

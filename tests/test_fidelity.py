@@ -18,14 +18,6 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, read_texts, tiny_llama_config
 
-from drp_foundry.eval.fidelity_table import (
-    format_table,
-    result_row,
-    seed_mean_rows,
-    summarize_losses,
-    write_csv,
-)
-
 DOMAINS = ['arxiv', 'book', 'c4-rp', 'cc', 'github', 'stackexchange', 'wiki']  # the demo recipe's domains
 
 
@@ -35,6 +27,11 @@ def _load_bench():
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+_bench = _load_bench()
+format_table, result_row, seed_mean_rows = _bench.format_table, _bench.result_row, _bench.seed_mean_rows
+summarize_losses, write_csv = _bench.summarize_losses, _bench.write_csv
 
 
 # -- the table -----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ PACKAGES = ('drp_foundry', 'data_prep')
 # folder of drp_foundry -> module prefixes none of its files may import
 FORBIDDEN = {
     'pruning': ('composer', 'llmfoundry', 'drp_foundry.composer', 'drp_foundry.eval', 'drp_foundry.commands'),
+    'losses': ('composer', 'llmfoundry', 'drp_foundry.composer', 'drp_foundry.eval', 'drp_foundry.commands'),
     'scheduling': ('composer', 'llmfoundry', 'drp_foundry.composer', 'drp_foundry.eval', 'drp_foundry.commands'),
     'data': ('composer', 'llmfoundry', 'drp_foundry.composer', 'drp_foundry.eval', 'drp_foundry.commands'),
     'eval': ('drp_foundry.composer', 'drp_foundry.commands'),

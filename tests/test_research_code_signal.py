@@ -10,6 +10,7 @@ from importlib import metadata
 import numpy as np
 import pytest
 
+from drp_foundry.commands.reference_losses import main as reference_main
 from drp_foundry.scheduling.chi_square_dro import chi_square_divergence, robust_mixture
 from drp_foundry.scheduling.policies import ConstantPolicy, MixturePolicy
 from drp_foundry.scheduling.reference_losses import (
@@ -17,7 +18,6 @@ from drp_foundry.scheduling.reference_losses import (
     pilot_reference_losses,
     size_law_reference_losses,
 )
-from drp_foundry.commands.reference_losses import main as reference_main
 from drp_foundry.scheduling.reference_ratio import update_reference_ratio
 from drp_foundry.scheduling.registry import (
     ENTRY_POINT_GROUP,

@@ -14,7 +14,7 @@ from conftest import tiny_llama_config
 from transformers import AutoModelForCausalLM
 
 from drp_foundry.composer.unlikelihood import Unlikelihood
-from drp_foundry.pruning.unlikelihood import token_unlikelihood
+from drp_foundry.losses.unlikelihood import token_unlikelihood
 
 
 def brute_force(logits, ids, labels):
@@ -91,7 +91,7 @@ def test_bad_alpha_is_refused(alpha):
 # --- sequence-level unlikelihood ---------------------------------------------------------------
 
 def test_repeated_ngram_mask_marks_repeats_runs_and_respects_start():
-    from drp_foundry.pruning.unlikelihood import repeated_ngram_mask
+    from drp_foundry.losses.unlikelihood import repeated_ngram_mask
 
     ids = torch.tensor([[1, 2, 3, 1, 2, 3, 4], [5, 5, 5, 5, 6, 7, 8]])
     assert repeated_ngram_mask(ids, ngram=3).tolist() == [
@@ -102,7 +102,7 @@ def test_repeated_ngram_mask_marks_repeats_runs_and_respects_start():
 
 
 def test_sequence_unlikelihood_matches_the_definition_and_lowers_repeated_tokens():
-    from drp_foundry.pruning.unlikelihood import repeated_ngram_mask, sequence_unlikelihood
+    from drp_foundry.losses.unlikelihood import repeated_ngram_mask, sequence_unlikelihood
 
     torch.manual_seed(0)
     ids = torch.tensor([[9, 8, 1, 2, 3, 1, 2, 3], [9, 7, 4, 4, 4, 4, 4, 5]])

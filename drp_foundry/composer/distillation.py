@@ -1,7 +1,7 @@
 """Logit distillation from the frozen source model (registered as ``drp_distillation``; ours).
 
 ``loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * LM loss`` at every microbatch
-(``drp_foundry.pruning.distillation``), usable in the pruning run (the student is the masked
+(``drp_foundry.losses.distillation``), usable in the pruning run (the student is the masked
 source model) and in continued pretraining (the student is the exported model). The teacher is
 a Hugging Face directory, normally the source model that is pruned:
 
@@ -40,7 +40,7 @@ from composer.core import Algorithm, Event, State, get_precision_context
 from composer.loggers import Logger
 
 from drp_foundry.composer.hf_model import unwrap_hf_model
-from drp_foundry.pruning.distillation import combine_losses, distillation_kl
+from drp_foundry.losses.distillation import combine_losses, distillation_kl
 
 log = logging.getLogger(__name__)
 

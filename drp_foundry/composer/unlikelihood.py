@@ -1,6 +1,6 @@
 """Token-level unlikelihood as a loss term (registered as ``drp_unlikelihood``; ours).
 
-``loss += alpha * UL`` at every microbatch, with ``UL`` from ``drp_foundry.pruning.unlikelihood``
+``loss += alpha * UL`` at every microbatch, with ``UL`` from ``drp_foundry.losses.unlikelihood``
 (Welleck et al. 2019): probability on context tokens that are not due next is pushed down, against
 the repetition loops of greedy decoding. Usable with or without ``drp_distillation`` and the
 pruning algorithms (each adds its own term)::
@@ -41,7 +41,7 @@ from composer.loggers import Logger
 from drp_foundry.composer.hf_model import unwrap_hf_model
 from drp_foundry.eval.loop_rate import greedy_continuations
 from drp_foundry.eval.repetition import find_repetition_loop
-from drp_foundry.pruning.unlikelihood import sequence_unlikelihood, token_unlikelihood
+from drp_foundry.losses.unlikelihood import sequence_unlikelihood, token_unlikelihood
 
 
 def apply_unlikelihood(loss: torch.Tensor, logits: torch.Tensor, batch: dict, alpha: float) -> tuple[torch.Tensor,
