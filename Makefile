@@ -18,7 +18,7 @@ demo-tiny:        ## a 24-step run of a tiny random Llama on per-domain MDS (a m
 	$(PY) train.py yamls/demo/tiny_llama.yaml variables.data_root=data/demo-tiny
 
 test:             ## the whole test suite (CPU)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast:        ## without the end-to-end runs
 	$(PY) -m pytest -q -m "not slow"

@@ -58,14 +58,13 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
-def test_the_wheel_ships_the_corpus_and_the_makefile_defaults_to_it(wheel):
+def test_the_wheel_ships_the_corpus(wheel):
     with zipfile.ZipFile(wheel) as archive:
         shipped = {name: archive.getinfo(name).file_size for name in archive.namelist()
                    if name.startswith('drp_foundry/demo/corpus/')}
     assert sorted(shipped) == sorted([f'drp_foundry/demo/corpus/{d}.jsonl.zst' for d in DOMAINS]
                                      + ['drp_foundry/demo/corpus/README.md'])
     assert sum(shipped.values()) < 5_000_000
-    assert re.search(r'^CORPUS \?= drp_foundry/demo/corpus$', (REPO / 'Makefile').read_text(), re.M)
 
 
 def test_the_demo_resolves_everything_from_an_installed_wheel(wheel, tmp_path):

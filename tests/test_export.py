@@ -73,44 +73,7 @@ def random_tokens(seed: int = 1, vocab_size: int = 512) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize('granularities', GRANULARITY_CASES, ids=lambda g: '+'.join(g))
-@pytest.mark.parametrize('model_type', ['llama', 'qwen2'])
-def test_exported_logits_equal_masked_model(model_type, granularities):
-    hf_model, mask_module = masked_model(model_type, granularities)
-    masks = mask_module.deterministic('target')
-    kept = torch.cat([mask[mask != 0] for mask in masks.values()])
-    assert kept.min() < 0.9, 'soft mask values should be far from 1 so that folding is exercised'
-    tokens = random_tokens()
-
-    pruned_model, report = fold_and_slice(hf_model, masks)
-
-    expected = logits(hf_model, tokens)
-    mask_module.fixed_masks = {key: torch.ones_like(mask) for key, mask in masks.items()}
-    unmasked = logits(hf_model, tokens)
-    mask_module.fixed_masks = None
-    assert (expected - unmasked).abs().max() > 1e-2, 'the masks should change the logits'
-    assert torch.allclose(logits(pruned_model, tokens), expected, atol=1e-4, rtol=0)
-    assert report.params_after < report.params_before
-    assert [layer.source_index for layer in report.kept_layers] == torch.nonzero(
-        masks.get('layer', torch.ones(4)) != 0).flatten().tolist()
-
-
-def tiny_mistral_config():
-    from transformers import MistralConfig
-
-    return MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=None)
-
-
-@pytest.mark.parametrize('config', [tiny_llama_config(attention_bias=True, mlp_bias=True), tiny_mistral_config()],
-                         ids=['llama-with-biases', 'mistral-gqa'])
-def test_exported_logits_equal_masked_model_other_layouts(config):
-    """o_proj and MLP biases (Llama flags) and Mistral's GQA layout fold and slice like the rest."""
-    hf_model, mask_module = masked_model(config.model_type, GRANULARITIES, config=config)
-    tokens = random_tokens()
-    pruned_model, report = fold_and_slice(hf_model, mask_module.deterministic('target'))
-    assert torch.allclose(logits(pruned_model, tokens), logits(hf_model, tokens), atol=1e-4, rtol=0)
-    assert report.params_after == mask_module.target_num_parameters()
+# Masked vs exported logits for every family and granularity: tests/test_model_families.py.
 
 
 @pytest.mark.parametrize('model_type', ['llama', 'qwen2'])

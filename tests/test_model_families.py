@@ -156,6 +156,8 @@ def test_exported_logits_equal_masked_model(family, granularities):
     assert soft.min() < 0.9, 'soft mask values far from 1, so folding is exercised'
     pruned, report = export(model, masks)
     assert type(pruned) is type(model)
+    if 'layer' in masks:  # the kept layers are the mask's non-zero entries, in order
+        assert [layer.source_index for layer in report.kept_layers] == torch.nonzero(masks['layer']).flatten().tolist()
     assert torch.allclose(logits(pruned), logits(model), atol=1e-4, rtol=0), \
         (logits(pruned) - logits(model)).abs().max()
     source_config, new_config = model.config, pruned.config

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     from llmfoundry.command_utils import train_from_yaml
 
     from drp_foundry.composer.config_checks import check_train_config_file, load_train_config
+    from drp_foundry.composer.harmless_warnings import filter_harmless_warnings
+
+    filter_harmless_warnings()
 
     yaml_path, overrides = argv[0], argv[1:]
     if os.environ.get('FSDP_VERSION') == '2':  # merged into the config's callbacks (a no-op if it names it)

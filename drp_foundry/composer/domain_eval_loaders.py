@@ -44,9 +44,16 @@ from drp_foundry.data.multidomain_config import check_domain_names
 NAME = 'drp_domain_evals'
 # Keys the entry itself takes; every other key is copied into each generated loader.
 ENTRY_KEYS = ('name', 'data_root', 'remote_root', 'domains', 'split', 'max_seq_len', 'dataset')
-# Defaults of each generated loader (an eval split is small and read once per eval).
+# Defaults of each generated loader (an eval split is small and read once per eval). Pinned host memory only
+# helps a copy to an accelerator; without one torch warns that it ignores it, so it follows the machine.
 LOADER_DEFAULTS: dict[str, Any] = {'drop_last': False, 'num_workers': 0, 'prefetch_factor': None,
                                    'persistent_workers': False}
+
+
+def loader_defaults() -> dict[str, Any]:
+    import torch
+
+    return {**LOADER_DEFAULTS, 'pin_memory': torch.cuda.is_available()}
 
 
 class DomainEvalsError(ValueError):
@@ -98,7 +105,7 @@ def domain_eval_loaders(entry: dict[str, Any], cfg: dict[str, Any], where: str =
         if remote_root:
             dataset['remote'] = os.path.join(str(remote_root), domain)
         dataset.update(copy.deepcopy(extra_dataset))
-        loaders.append({'label': domain, 'name': 'text', **LOADER_DEFAULTS, **copy.deepcopy(loader_keys),
+        loaders.append({'label': domain, 'name': 'text', **loader_defaults(), **copy.deepcopy(loader_keys),
                         'dataset': dataset})
     return loaders
 

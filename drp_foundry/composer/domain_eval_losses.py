@@ -75,13 +75,16 @@ def evaluate_domains(model_dir: str | Path, data_root: str | Path, domains: Sequ
     from llmfoundry.data.dataloader import build_dataloader
     from llmfoundry.utils.builders import build_composer_model, build_tokenizer
 
+    from drp_foundry.composer.harmless_warnings import filter_harmless_warnings
     from drp_foundry.eval.domain_loss import domains_in
+
+    filter_harmless_warnings()
 
     domains = list(domains) if domains is not None else domains_in(data_root, split)
     tokenizer = build_tokenizer(str(model_dir), {'model_max_length': max_seq_len})
     model = build_composer_model(name='hf_causal_lm', tokenizer=tokenizer,
                                  cfg={'pretrained_model_name_or_path': str(model_dir), 'pretrained': True,
-                                      'trust_remote_code': False, 'use_auth_token': False})
+                                      'trust_remote_code': False})
     evaluators = []
     entry = {'name': 'drp_domain_evals', 'data_root': str(data_root), 'domains': domains, 'split': split,
              'max_seq_len': int(max_seq_len)}
@@ -90,8 +93,10 @@ def evaluate_domains(model_dir: str | Path, data_root: str | Path, domains: Sequ
         spec = build_dataloader(cfg, tokenizer, batch_size)
         evaluators.append(Evaluator(label=f'eval/{label}', dataloader=spec, metric_names=['LanguageCrossEntropy'],
                                     subset_num_batches=max_batches or -1))
+    # an eval-only Trainer: an optimizer that never steps, so Composer does not make (and warn about) its default
     trainer = Trainer(model=model, eval_dataloader=evaluators, device='gpu' if torch.cuda.is_available() else 'cpu',
-                      progress_bar=False, log_to_console=False, loggers=[])
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.0), progress_bar=False,
+                      log_to_console=False, loggers=[])
     trainer.eval()
     losses = read_domain_eval_losses(trainer.state, domains)
     trainer.close()

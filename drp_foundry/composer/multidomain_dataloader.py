@@ -119,7 +119,7 @@ def build_multidomain_dataloader(tokenizer: PreTrainedTokenizerBase | None,
         collate_fn=DomainTaggedCollator(token_collator),
         drop_last=True,
         num_workers=num_workers,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory and torch.cuda.is_available(),  # pinning helps only a copy to a GPU (torch warns)
         prefetch_factor=(prefetch_factor or 2) if multiprocess else None,
         persistent_workers=persistent_workers and multiprocess,
         timeout=timeout if multiprocess else 0,
