@@ -76,6 +76,17 @@ class ContinuationEval(Callback):
         normalization: ``'token_mean'`` (mean log-prob per token) or ``'sum'``.
         max_items_per_domain: score only the first this-many items of each domain
             (cheaper in-run checks); None scores all.
+
+    Example:
+        >>> import json, tempfile
+        >>> from drp_foundry import ContinuationEval
+        >>> items = tempfile.NamedTemporaryFile('w', suffix='.jsonl', delete=False)
+        >>> _ = items.write(json.dumps({'context': 'The cat sat on the', 'right': ' mat.', 'wrong': ' moon.',
+        ...                             'domain': 'book'}) + chr(10))
+        >>> items.close()
+        >>> callback = ContinuationEval(items_path=items.name, interval='200ba')  # Trainer(..., callbacks=[callback])
+        >>> [item.domain for item in callback.items]
+        ['book']
     """
 
     def __init__(self, items_path: str, interval: str | int = 'eval', batch_size: int = 16,

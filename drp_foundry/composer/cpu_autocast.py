@@ -34,6 +34,12 @@ class CpuAutocast(Algorithm):
 
     Args:
         dtype: the autocast dtype; ``bfloat16`` (the one CPU autocast runs fast).
+
+    Example:
+        >>> from drp_foundry import CpuAutocast
+        >>> algorithm = CpuAutocast(dtype='bfloat16')  # Trainer(..., device='cpu', algorithms=[algorithm])
+        >>> algorithm.dtype
+        torch.bfloat16
     """
 
     def __init__(self, dtype: str = 'bfloat16'):

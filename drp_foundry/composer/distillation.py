@@ -114,6 +114,22 @@ class Distillation(Algorithm):
         teacher: Hugging Face directory of the teacher (the source model of the pruning run).
         alpha: weight of the KL term; the LM loss gets ``1 - alpha``. 0 = plain training.
         temperature: softmax temperature T of both distributions (the KL is multiplied by T^2).
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...                                      num_hidden_layers=2, num_attention_heads=4))
+        >>> from drp_foundry import Distillation, apply_distillation
+        >>> teacher = LlamaForCausalLM(model.config).eval()
+        >>> batch = {'input_ids': torch.randint(0, 64, (2, 8))}
+        >>> batch['labels'] = batch['input_ids']
+        >>> out = model(**batch)
+        >>> loss, kl = apply_distillation(out.loss, out.loss, out.logits, teacher, batch, alpha=0.5)
+        >>> bool(kl > 0)
+        True
+        >>> # in a Trainer or a Foundry YAML (algorithms: drp_distillation: {teacher: DIR}):
+        >>> # Trainer(..., algorithms=[Distillation(teacher='models/smollm2-135m', alpha=0.5)])
     """
 
     def __init__(self, teacher: str, alpha: float = 0.5, temperature: float = 1.0):

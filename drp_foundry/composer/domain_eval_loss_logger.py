@@ -28,6 +28,16 @@ class DomainEvalLossLogger(Callback):
         domains: domain labels to report; ``None`` takes every eval loader that has the
             metric. Listed domains are checked against the eval loaders at FIT_START.
         metric_name: the per-loader metric holding the loss (LLM-Foundry: LanguageCrossEntropy).
+
+    Example:
+        >>> from drp_foundry import DomainEvalLossLogger
+        >>> callback = DomainEvalLossLogger(domains=['wiki', 'github'])  # Trainer(..., callbacks=[callback])
+        >>> callback.domains
+        ['wiki', 'github']
+        >>> DomainEvalLossLogger(domains=[])
+        Traceback (most recent call last):
+        ...
+        ValueError: drp_domain_eval_loss.domains must be a non-empty list of eval loader labels
     """
 
     def __init__(self, domains: Sequence[str] | None = None, metric_name: str = DEFAULT_LOSS_METRIC):

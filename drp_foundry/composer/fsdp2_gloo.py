@@ -76,7 +76,14 @@ def average_fsdp2_gradients_on_gloo(model: torch.nn.Module) -> int:
 
 
 class Fsdp2GlooAverage(Callback):
-    """``drp_fsdp2_gloo_average``: at ``FIT_START``, ``average_fsdp2_gradients_on_gloo(state.model)``."""
+    """``drp_fsdp2_gloo_average``: at ``FIT_START``, ``average_fsdp2_gradients_on_gloo(state.model)``.
+
+    Example:
+        >>> from drp_foundry import Fsdp2GlooAverage
+        >>> callback = Fsdp2GlooAverage()  # Trainer(..., callbacks=[callback]); drp-train adds it under FSDP_VERSION=2
+        >>> callback.units_fixed  # FSDP2 units given the averaging hook, set at FIT_START
+        0
+    """
 
     def __init__(self):
         self.units_fixed = 0

@@ -52,7 +52,21 @@ def apply_unlikelihood(loss: torch.Tensor, logits: torch.Tensor, batch: dict, al
 
 
 class Unlikelihood(Algorithm):
-    """Add ``alpha`` times the token-level unlikelihood of the batch to the loss (``drp_unlikelihood``)."""
+    """Add ``alpha`` times the token-level unlikelihood of the batch to the loss (``drp_unlikelihood``).
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...                                      num_hidden_layers=2, num_attention_heads=4))
+        >>> from drp_foundry import Unlikelihood, apply_unlikelihood
+        >>> batch = {'input_ids': torch.randint(0, 64, (2, 8))}
+        >>> out = model(**batch, labels=batch['input_ids'])
+        >>> loss, term = apply_unlikelihood(out.loss, out.logits, batch, alpha=1.0)
+        >>> bool(loss > out.loss)
+        True
+        >>> algorithm = Unlikelihood(alpha=1.0)  # Trainer(..., algorithms=[algorithm])
+    """
 
     def __init__(self, alpha: float = 1.0):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
@@ -99,7 +113,21 @@ def apply_sequence_unlikelihood(loss: torch.Tensor, model: torch.nn.Module, inpu
 
 class SequenceUnlikelihood(Algorithm):
     """Add ``alpha`` times the sequence-level unlikelihood of the model's own greedy continuations of the batch's
-    prefixes to the loss, on every ``every``-th batch (``drp_sequence_unlikelihood``)."""
+    prefixes to the loss, on every ``every``-th batch (``drp_sequence_unlikelihood``).
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...                                      num_hidden_layers=2, num_attention_heads=4))
+        >>> from drp_foundry import SequenceUnlikelihood, apply_sequence_unlikelihood
+        >>> input_ids = torch.randint(0, 64, (2, 12))
+        >>> loss, term, loop_share = apply_sequence_unlikelihood(torch.tensor(0.0), model, input_ids, alpha=1.0,
+        ...                                                      prefix_tokens=4, continuation_tokens=8)
+        >>> 0.0 <= loop_share <= 1.0
+        True
+        >>> algorithm = SequenceUnlikelihood(alpha=1.0, every=2, start='0.5dur')  # Trainer(..., algorithms=[algorithm])
+    """
 
     def __init__(self, alpha: float = 1.0, every: int = 2, prefix_tokens: int = 32, continuation_tokens: int = 32,
                  ngram: int = 3, start: str | int = 0):
