@@ -12,7 +12,9 @@ Output (``OUT``), the layout the rest of drp-foundry reads (docs/DESIGN.md)::
     OUT/<domain>/eval/    same, held out
     OUT/tokenizer/        only when the tokenizer was trained here (--train-tokenizer)
     OUT/manifest.json     domains, sample counts, seq length, tokenizer, seed, and the
-                          content fingerprint of every source file (written last)
+                          content fingerprint of every source file, and per domain and
+                          split what the shards are (index sha256, shard sizes and sha1;
+                          drp_foundry/data/shard_integrity.py checks them) (written last)
 
 Encoding: documents are shuffled with ``seed``, tokenised, an EOS token is appended to
 each, and the token stream is cut into samples of exactly ``max_seq_len`` tokens (the
@@ -49,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from drp_foundry.data.shard_integrity import describe_split
 from drp_foundry.fileio import JSONLError, atomic_folder, iter_jsonl, text_field
 
 log = logging.getLogger(__name__)
@@ -404,7 +407,8 @@ def write_mds_split(samples: np.ndarray, out_dir: Path) -> None:
     from streaming import MDSWriter
 
     with atomic_folder(out_dir) as tmp:
-        with MDSWriter(out=str(tmp), columns={'tokens': 'ndarray:int32'}, size_limit=1 << 26) as writer:
+        with MDSWriter(out=str(tmp), columns={'tokens': 'ndarray:int32'}, size_limit=1 << 26,
+                       hashes=['sha1']) as writer:  # in index.json: streaming's validate_hash checks them
             for row in samples:
                 writer.write({'tokens': row})
 
@@ -501,7 +505,9 @@ def build_domain_mds(corpus: str | Path, out: str | Path, *, domains: list[str] 
         write_mds_split(samples[:n_train], staging / domain / 'train')
         write_mds_split(samples[len(samples) - n_eval:], staging / domain / 'eval')
         manifest['domains'][domain] = {'documents': len(domain_docs), 'train_samples': n_train,
-                                       'eval_samples': n_eval, 'tokens': int(samples.size)}
+                                       'eval_samples': n_eval, 'tokens': int(samples.size),
+                                       # what the shards are (sizes, hashes): the pre-flight checks them
+                                       'splits': {split: describe_split(staging / domain / split) for split in SPLITS}}
         log.info('%s: %d documents -> %d train / %d eval samples', domain, len(domain_docs), n_train, n_eval)
 
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))

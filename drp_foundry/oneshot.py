@@ -180,6 +180,15 @@ def prune_directory(model_dir: str | Path, out_dir: str | Path, target: TargetAr
     except ExportError as error:
         raise OneShotError(str(error)) from error
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    from transformers import AutoConfig
+
+    from drp_foundry.identity_checks import IdentityError, check_data_root_fits
+
+    try:  # a data_prep root tokenised with another tokenizer would score the model on foreign ids
+        check_data_root_fits(Path(calibration), tokenizer, AutoConfig.from_pretrained(str(model_dir)),
+                             '--calibration', 'MODEL')
+    except IdentityError as error:
+        raise OneShotError(str(error)) from error
     hf_model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
     try:
         source = DecoderArchitecture.from_hf_config(hf_model.config)
@@ -200,6 +209,9 @@ def prune_directory(model_dir: str | Path, out_dir: str | Path, target: TargetAr
         write_model_card(staging, card_facts({}, 'none (one-shot pruning: no training run)', record,
                                              record['target'], list(GRANULARITIES), 'float32', source=str(model_dir)),
                          name=out_dir.name)
+        from drp_foundry.output_files import record_written_files
+
+        record_written_files(staging, REPORT_FILENAME)  # what --overwrite may replace later
     return report
 
 

@@ -395,8 +395,11 @@ def _expand_domain_evals(cfg: DictConfig) -> DictConfig:
         raise ConfigError(str(err)) from None
 
 
-def check_train_config(cfg: DictConfig) -> None:
-    """Check a resolved training config; raise ``ConfigError`` on the first mistake."""
+def check_train_config(cfg: DictConfig, resume: bool = True) -> None:
+    """Check a resolved training config; raise ``ConfigError`` on the first mistake.
+
+    ``resume``: also check the checkpoint the run would resume from (``resume_checks.py``); the
+    train command does that after it holds the save_folder's lock."""
     from llmfoundry import registry
     from llmfoundry.utils.config_utils import TrainConfig
 
@@ -437,6 +440,13 @@ def check_train_config(cfg: DictConfig) -> None:
     _check_combinations(cfg, algorithms)
     _check_pruning_with_fsdp(cfg)
     _check_data_manifests(cfg)
+    from drp_foundry.composer.preflight_checks import check_sections
+
+    check_sections(cfg)  # types, scheduler cadence and metric, data integrity (preflight_checks.py)
+    if resume:
+        from drp_foundry.composer.resume_checks import check_resume_checkpoint
+
+        check_resume_checkpoint(cfg)
 
 
 def load_train_config(yaml_path: str | os.PathLike, overrides: list[str] | None = None) -> DictConfig:
@@ -452,9 +462,10 @@ def load_train_config(yaml_path: str | os.PathLike, overrides: list[str] | None 
     return cfg
 
 
-def check_train_config_file(yaml_path: str | os.PathLike, overrides: list[str] | None = None) -> None:
+def check_train_config_file(yaml_path: str | os.PathLike, overrides: list[str] | None = None,
+                            resume: bool = True) -> None:
     """Load and check; on a mistake print it and exit with status 2 (nothing has started yet)."""
     try:
-        check_train_config(load_train_config(yaml_path, overrides))
+        check_train_config(load_train_config(yaml_path, overrides), resume=resume)
     except ConfigError as err:
         raise SystemExit(f'config error in {yaml_path}: {err}') from None

@@ -54,4 +54,20 @@ def check_inputs(model_dir: str | Path, data_root: str | Path, domains: Sequence
         if built is not None and int(built) != int(max_seq_len):
             raise DomainLossError(f'--max-seq-len {max_seq_len}, but {data_root} was built with max_seq_len {built} '
                                   f'(manifest.json); pass --max-seq-len {built}')
+        _check_identity(model_dir, data_root)
     return chosen
+
+
+def _check_identity(model_dir: Path, data_root: Path) -> None:
+    """The data root was tokenised with the model's tokenizer (when the model folder has one) and fits its vocabulary."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from drp_foundry.identity_checks import IdentityError, check_data_root_fits
+
+    tokenizer = None
+    if any((model_dir / name).is_file() for name in ('tokenizer.json', 'tokenizer_config.json', 'vocab.json')):
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        check_data_root_fits(data_root, tokenizer, AutoConfig.from_pretrained(str(model_dir)), 'DATA_ROOT', 'MODEL_DIR')
+    except IdentityError as err:
+        raise DomainLossError(str(err)) from None
