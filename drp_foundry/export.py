@@ -191,9 +191,13 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
     inputs = (checkpoint_path,) + (() if tokenizer_dir is None else (Path(tokenizer_dir),))
     check_output_dir(out_dir, overwrite, inputs)
     checkpoint = load_composer_checkpoint(checkpoint_path)
-    from drp_foundry.export_checks import check_export_inputs
+    from drp_foundry.checkpoint_checks import ExportInputError, check_export_inputs
 
-    check_export_inputs(checkpoint, checkpoint_path, tokenizer_dir, source)  # finite; tokenizer, source fit
+    _composer_parts(checkpoint, checkpoint_path)
+    try:  # finite values; --tokenizer and --source fit the checkpoint
+        check_export_inputs(checkpoint, checkpoint_path, tokenizer_dir, source)
+    except ExportInputError as error:
+        raise ExportError(str(error)) from None
     hf_model = build_masked_model(checkpoint, checkpoint_path)
     mask_module = get_mask_module(hf_model)
     pruned_model, report = fold_and_slice(hf_model, mask_module.deterministic('target'))

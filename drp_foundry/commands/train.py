@@ -63,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     check_train_config_file(yaml_path, overrides, resume=False)
     cfg = load_train_config(yaml_path, overrides)
     lock = _hold_save_folder(yaml_path, cfg)  # noqa: F841  (held until this process ends)
-    _check_resume(yaml_path, cfg)
+    try:
+        _check_resume(yaml_path, cfg)
+    except SystemExit:
+        if lock is not None:
+            from drp_foundry.run_lock import restore_holder
+
+            restore_holder(lock)  # a refused run leaves save_folder byte for byte as it was
+        raise
     level = cfg.get('python_log_level')
     if level:  # LLM-Foundry sets its own loggers' level from this key; ours follow it
         logging.getLogger('drp_foundry').setLevel(str(level).upper())

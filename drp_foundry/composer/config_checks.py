@@ -21,9 +21,8 @@ from typing import Any, Callable, Iterable
 from omegaconf import DictConfig, ListConfig
 from omegaconf import OmegaConf as om
 
-
-class ConfigError(ValueError):
-    """A configuration mistake found before training; the message names the key and the fix."""
+from drp_foundry.composer.config_error import ConfigError
+from drp_foundry.composer.config_error import batches_of as _batches
 
 
 def _did_you_mean(word: str, options: Iterable[str]) -> str:
@@ -175,21 +174,6 @@ def _model_config(cfg: DictConfig):
         return AutoConfig.from_pretrained(str(path))
     except (ValueError, OSError) as err:
         raise ConfigError(f'model.pretrained_model_name_or_path: cannot read {path}/config.json ({err})') from None
-
-
-def _batches(value: Any, key: str) -> tuple[int | None, str | None]:
-    """(batches, unit) of a Composer time value (int = batches); unit None when unparsable."""
-    if value is None:
-        return None, None
-    if isinstance(value, int):
-        return value, 'ba'
-    from composer.core import Time, TimeUnit
-
-    try:
-        time = Time.from_timestring(str(value))
-    except (ValueError, TypeError):
-        raise ConfigError(f'{key}: {value!r} is not a duration; write e.g. 3200ba or 1000000tok') from None
-    return (int(time.value), 'ba') if time.unit == TimeUnit.BATCH else (None, time.unit.value)
 
 
 def _check_combinations(cfg: DictConfig, algorithms: dict[str, Any]) -> None:
@@ -418,6 +402,9 @@ def check_train_config(cfg: DictConfig, resume: bool = True) -> None:
         _check_local_folder('model.pretrained_model_name_or_path', model.get('pretrained_model_name_or_path'),
                             'model')
     _check_local_folder('tokenizer.name', (cfg.get('tokenizer') or {}).get('name'), 'tokenizer')
+    from drp_foundry.composer.preflight_checks import check_component_types
+
+    check_component_types(cfg)  # before the components are constructed below
     _check_named_components(cfg, 'callbacks', registry.callbacks)
     algorithms = _check_named_components(cfg, 'algorithms', registry.algorithms)
     _check_named_components(cfg, 'loggers', registry.loggers)

@@ -29,7 +29,7 @@ __all__ = ['check_sections', 'check_component_types', 'check_scheduler_can_act',
 
 
 def _error(message: str):
-    from drp_foundry.composer.config_checks import ConfigError
+    from drp_foundry.composer.config_error import ConfigError
 
     return ConfigError(message)
 
@@ -145,7 +145,7 @@ def check_scheduler_can_act(cfg: DictConfig) -> None:
     callbacks = cfg.get('callbacks') or {}
     if 'drp_dynamic_loading' not in callbacks:
         return
-    from drp_foundry.composer.config_checks import _batches
+    from drp_foundry.composer.config_error import batches_of as _batches
 
     settings = callbacks.get('drp_dynamic_loading') or {}
     loader = cfg.get('train_loader') or {}
@@ -222,7 +222,6 @@ def check_shard_integrity(cfg: DictConfig) -> None:
 
 
 def check_sections(cfg: DictConfig) -> None:
-    """All of the above, in order."""
-    check_component_types(cfg)
+    """The checks after the components' own (``check_component_types`` runs before them)."""
     check_scheduler_can_act(cfg)
     check_shard_integrity(cfg)

@@ -14,25 +14,26 @@ Which checkpoint: with ``autoresume`` the ``latest-rank0.pt`` of a local ``save_
   loss metric and initial mixture, the pruning target and the Lagrangian's target ramp are the
   checkpoint's, or the difference is refused naming the key to set back.
 
-``non_finite_tensors`` is shared with ``drp-export``.
+``non_finite_tensors`` (``drp_foundry/checkpoint_checks.py``) is shared with ``drp-export``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from omegaconf import OmegaConf as om
 
-__all__ = ['resume_checkpoint_path', 'load_checkpoint_for_checks', 'non_finite_tensors', 'check_resume_checkpoint']
+from drp_foundry.checkpoint_checks import non_finite_tensors
+
+__all__ = ['resume_checkpoint_path', 'load_checkpoint_for_checks', 'check_resume_checkpoint']
 
 
 def _error(message: str):
-    from drp_foundry.composer.config_checks import ConfigError
+    from drp_foundry.composer.config_error import ConfigError
 
     return ConfigError(message)
 
@@ -77,34 +78,10 @@ def load_checkpoint_for_checks(path: Path, key: str) -> dict[str, Any]:
     return checkpoint
 
 
-def _tensors(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
-    if isinstance(value, torch.Tensor):
-        yield prefix, value
-    elif isinstance(value, float):
-        yield prefix, value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _tensors(v, f'{prefix}.{k}' if prefix else str(k))
-
-
-def non_finite_tensors(state_dict: dict[str, Any], limit: int = 5) -> list[str]:
-    """Names of (at most ``limit``) floating tensors or floats holding NaN or infinity."""
-    bad = []
-    for name, value in _tensors(state_dict, ''):
-        if isinstance(value, float):
-            finite = math.isfinite(value)
-        elif value.is_floating_point() and value.numel():
-            finite = bool(torch.isfinite(value).all())
-        else:
-            continue
-        if not finite:
-            bad.append(name)
-            if len(bad) >= limit:
-                break
-    return bad
-
-
 def _batch_of(timestamp: Any) -> int | None:
+    if not isinstance(timestamp, dict):
+        return None
+    timestamp = timestamp.get('Timestamp', timestamp)  # Composer nests it under the class name
     if not isinstance(timestamp, dict):
         return None
     value = timestamp.get('batch')
@@ -136,7 +113,7 @@ def _callback_state(state: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def _check_same_run(cfg: DictConfig, state: dict[str, Any], path: Path) -> None:
-    from drp_foundry.composer.config_checks import _batches
+    from drp_foundry.composer.config_error import batches_of as _batches
 
     raw = om.to_container(cfg, resolve=True)
     dataset = ((raw.get('train_loader') or {}).get('dataset') or {})
@@ -216,12 +193,14 @@ def check_resume_checkpoint(cfg: DictConfig) -> None:
     if isinstance(model_state, dict):
         bad = non_finite_tensors(model_state)
         if bad:
-            raise _error(f'{key}: checkpoint {path} holds non-finite values (NaN or inf) in {bad}; the file is damaged '
+            real = path.resolve()
+            raise _error(f'{key}: checkpoint {path}{" (" + real.name + ")" if real != path else ""} holds non-finite '
+                         f'values (NaN or inf) in {bad}; the file is damaged '
                          f'or the run diverged. Resume from an earlier one ({_earlier_checkpoints(path) or "none"}: '
                          'load_path, autoresume: false)')
     if cfg.get('load_weights_only') or key == 'load_path' and cfg.get('reset_time'):
         return
-    from drp_foundry.composer.config_checks import _batches
+    from drp_foundry.composer.config_error import batches_of as _batches
 
     done = _batch_of(state.get('timestamp'))
     total, _ = _batches(cfg.get('max_duration'), 'max_duration')

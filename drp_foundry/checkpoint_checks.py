@@ -1,6 +1,9 @@
-"""What ``drp-export`` checks of its inputs before it builds the model (kept apart from export.py).
+"""Checks of a checkpoint's values and of what ``drp-export`` pairs with it, before any model is built.
 
-- every floating tensor of the checkpoint's model (weights, the masks' log-alphas, the λ of
+- ``non_finite_tensors(state_dict)``: the floating tensors holding NaN or infinity (also used by
+  the pre-flight of a resumed run, ``drp_foundry/composer/resume_checks.py``);
+- ``check_export_inputs``, kept apart from export.py (raises ``ExportInputError``, which export
+  turns into its ``ExportError``): every floating tensor of the checkpoint's model (weights, the masks' log-alphas, the λ of
   the Lagrangian) is finite: a damaged file or a diverged run is refused naming the tensors and
   the checkpoint, instead of exporting NaN weights or failing in ``keep_counts``;
 - ``--tokenizer`` fits the model (no more ids than its embedding, the checkpoint's own tokenizer
@@ -10,24 +13,54 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ['check_export_inputs']
+import torch
+
+__all__ = ['ExportInputError', 'non_finite_tensors', 'check_export_inputs']
+
+
+class ExportInputError(ValueError):
+    """A checkpoint, tokenizer or source that must not be exported together; names the argument."""
+
+
+def _values(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, (torch.Tensor, float)):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _values(v, f'{prefix}.{k}' if prefix else str(k))
+
+
+def non_finite_tensors(state_dict: dict[str, Any], limit: int = 5) -> list[str]:
+    """Names of (at most ``limit``) floating tensors or floats holding NaN or infinity."""
+    bad = []
+    for name, value in _values(state_dict, ''):
+        if isinstance(value, float):
+            finite = math.isfinite(value)
+        elif value.is_floating_point() and value.numel():
+            finite = bool(torch.isfinite(value).all())
+        else:
+            continue
+        if not finite:
+            bad.append(name)
+            if len(bad) >= limit:
+                break
+    return bad
 
 
 def check_export_inputs(checkpoint: dict[str, Any], path: Path, tokenizer_dir, source: str | None) -> None:
-    from drp_foundry.composer.resume_checks import non_finite_tensors
-    from drp_foundry.export import ExportError, _composer_parts
+    """Call after export has checked the checkpoint's layout (``_composer_parts``)."""
     from drp_foundry.identity_checks import IdentityError, check_source_fits, check_tokenizer_fits
 
-    _composer_parts(checkpoint, path)  # export's own messages for a checkpoint that is not one of a pruning run
     state = checkpoint['state']
     model_state = state['model']
     bad = non_finite_tensors(model_state)
     if bad:
-        raise ExportError(f'checkpoint {path} holds non-finite values (NaN or inf) in {bad}; the file is damaged or '
+        raise ExportInputError(f'checkpoint {path} holds non-finite values (NaN or inf) in {bad}; the file is damaged or '
                           'the run diverged. Export an earlier checkpoint of the run')
     huggingface = state['integrations']['huggingface']
     from composer.models.huggingface import get_hf_config_from_composer_state_dict
@@ -51,4 +84,4 @@ def check_export_inputs(checkpoint: dict[str, Any], path: Path, tokenizer_dir, s
                         huggingface, tokenizer_save_dir=scratch)
             check_tokenizer_fits(tokenizer, config, '--tokenizer', reference)
     except IdentityError as err:
-        raise ExportError(str(err)) from None
+        raise ExportInputError(str(err)) from None
