@@ -108,8 +108,10 @@ def load_composer_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location='cpu', weights_only=False)
     except Exception as error:  # torch raises several types for files it cannot read
+        others = sorted(p.name for p in path.parent.glob('*.pt') if p.is_file() and p.resolve() != path.resolve())
         raise ExportError(f'could not read checkpoint {path} with torch.load ({error}); pass a monolithic Composer '
-                          '.pt checkpoint or the folder of a sharded one') from error
+                          '.pt checkpoint or the folder of a sharded one'
+                          f'{" (other checkpoints there: " + str(others) + ")" if others else ""}') from error
 
 
 def _composer_parts(checkpoint: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
