@@ -12,7 +12,9 @@ Output (``OUT``), the layout the rest of drp-foundry reads (docs/DESIGN.md)::
     OUT/<domain>/eval/    same, held out
     OUT/tokenizer/        only when the tokenizer was trained here (--train-tokenizer)
     OUT/manifest.json     domains, sample counts, seq length, tokenizer, seed, and the
-                          content fingerprint of every source file (written last)
+                          content fingerprint of every source file, and per domain and
+                          split what the shards are (index sha256, shard sizes and sha1;
+                          drp_foundry/data/shard_integrity.py checks them) (written last)
 
 Encoding: documents are shuffled with ``seed``, tokenised, an EOS token is appended to
 each, and the token stream is cut into samples of exactly ``max_seq_len`` tokens (the
@@ -48,11 +50,12 @@ from pathlib import Path
 
 import numpy as np
 
+from drp_foundry.data.manifest import MANIFEST, ManifestError, read_manifest, tokenizer_identity
+from drp_foundry.data.shard_integrity import describe_split
 from drp_foundry.fileio import JSONLError, atomic_folder, iter_jsonl, text_field
 
 log = logging.getLogger(__name__)
 
-MANIFEST = 'manifest.json'
 BUILDING = '.building'  # holds the fingerprint of an unfinished build, so a rerun may finish it
 SPLITS = ('train', 'eval')
 
@@ -116,20 +119,6 @@ def tokenizer_sha256(folder: str | Path) -> str | None:
             found = True
             h.update(name.encode() + b'\0' + file_sha256(folder / name).encode())
     return h.hexdigest() if found else None
-
-
-def tokenizer_identity(tokenizer) -> str:
-    """SHA-256 of what fixes a tokenizer's ids: the model section (vocabulary, merges), the added tokens and
-    the EOS id. Unlike a hash of its files, a copy re-saved elsewhere (an export) has the same identity."""
-    backend = getattr(tokenizer, 'backend_tokenizer', None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        payload = {'model': spec.get('model'),
-                   'added': sorted([t['id'], t['content']] for t in spec.get('added_tokens') or [])}
-    else:
-        payload = {'vocab': sorted(tokenizer.get_vocab().items())}
-    payload['eos'] = tokenizer.eos_token_id
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def describe_change(old: dict, new: dict) -> str:
@@ -403,7 +392,8 @@ def write_mds_split(samples: np.ndarray, out_dir: Path) -> None:
     from streaming import MDSWriter
 
     with atomic_folder(out_dir) as tmp:
-        with MDSWriter(out=str(tmp), columns={'tokens': 'ndarray:int32'}, size_limit=1 << 26) as writer:
+        with MDSWriter(out=str(tmp), columns={'tokens': 'ndarray:int32'}, size_limit=1 << 26,
+                       hashes=['sha1']) as writer:  # in index.json: streaming's validate_hash checks them
             for row in samples:
                 writer.write({'tokens': row})
 
@@ -457,7 +447,10 @@ def build_domain_mds(corpus: str | Path, out: str | Path, *, domains: list[str] 
     if out.exists() and not out.is_dir():
         raise DataPrepError(f'--out {out} is a file; choose a folder')
     if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
+        try:
+            old = read_manifest(out) or {}
+        except ManifestError as err:
+            raise DataPrepError(f'{err}; or remove it and build again') from None
         if old.get('fingerprint') == fingerprint and all((out / d / s / 'index.json').exists()
                                                          for d in names for s in SPLITS):
             log.info('%s is up to date (same corpus content, domains and settings); nothing to do', out)
@@ -500,7 +493,9 @@ def build_domain_mds(corpus: str | Path, out: str | Path, *, domains: list[str] 
         write_mds_split(samples[:n_train], staging / domain / 'train')
         write_mds_split(samples[len(samples) - n_eval:], staging / domain / 'eval')
         manifest['domains'][domain] = {'documents': len(domain_docs), 'train_samples': n_train,
-                                       'eval_samples': n_eval, 'tokens': int(samples.size)}
+                                       'eval_samples': n_eval, 'tokens': int(samples.size),
+                                       # what the shards are (sizes, hashes): the pre-flight checks them
+                                       'splits': {split: describe_split(staging / domain / split) for split in SPLITS}}
         log.info('%s: %d documents -> %d train / %d eval samples', domain, len(domain_docs), n_train, n_eval)
 
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -14,7 +14,8 @@ the end, so a failed export leaves nothing half-written.
 
 Export never deletes what it did not write: ``OUT_DIR`` must not exist, be empty, or (with
 ``--overwrite``) hold an earlier export (its ``pruning_report.json``) and nothing else of
-value. A folder that holds the checkpoint being exported, the ``--tokenizer`` folder, or any
+value: it replaces only the files the earlier export listed in its report (``written_files``;
+anything else there is refused, listed). A folder that holds the checkpoint being exported, the ``--tokenizer`` folder, or any
 checkpoint (``*.pt``, sharded checkpoint folders) is refused, with or without ``--overwrite``.
 """
 
@@ -80,6 +81,13 @@ def check_output_dir(out_dir: Path, overwrite: bool, inputs: tuple[Path, ...] = 
     if not (out_dir / REPORT_FILENAME).is_file():
         raise ExportError(f'OUT_DIR {out_dir} is not an earlier export (no {REPORT_FILENAME}); --overwrite only '
                           'replaces an earlier export. Choose a new folder, or empty this one yourself')
+    from drp_foundry.output_files import foreign_files
+
+    foreign = foreign_files(out_dir, REPORT_FILENAME)
+    if foreign:
+        raise ExportError(f'OUT_DIR {out_dir} holds files the earlier export did not write: {foreign[:10]}'
+                          f'{" and more" if len(foreign) > 10 else ""}; --overwrite replaces only what an export '
+                          'wrote. Move them out first, or choose a new folder')
 
 
 def load_composer_checkpoint(path: Path) -> dict[str, Any]:
@@ -99,8 +107,10 @@ def load_composer_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location='cpu', weights_only=False)
     except Exception as error:  # torch raises several types for files it cannot read
+        others = sorted(p.name for p in path.parent.glob('*.pt') if p.is_file() and p.resolve() != path.resolve())
         raise ExportError(f'could not read checkpoint {path} with torch.load ({error}); pass a monolithic Composer '
-                          '.pt checkpoint or the folder of a sharded one') from error
+                          '.pt checkpoint or the folder of a sharded one'
+                          f'{" (other checkpoints there: " + str(others) + ")" if others else ""}') from error
 
 
 def _composer_parts(checkpoint: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -182,6 +192,13 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
     inputs = (checkpoint_path,) + (() if tokenizer_dir is None else (Path(tokenizer_dir),))
     check_output_dir(out_dir, overwrite, inputs)
     checkpoint = load_composer_checkpoint(checkpoint_path)
+    from drp_foundry.checkpoint_checks import ExportInputError, check_export_inputs
+
+    _composer_parts(checkpoint, checkpoint_path)
+    try:  # finite values; --tokenizer and --source fit the checkpoint
+        check_export_inputs(checkpoint, checkpoint_path, tokenizer_dir, source)
+    except ExportInputError as error:
+        raise ExportError(str(error)) from None
     hf_model = build_masked_model(checkpoint, checkpoint_path)
     mask_module = get_mask_module(hf_model)
     pruned_model, report = fold_and_slice(hf_model, mask_module.deterministic('target'))
@@ -204,5 +221,8 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
         store_tied_output_embedding(staging)  # a tied lm_head loads through Foundry without a false warning
         write_model_card(staging, card_facts(checkpoint, checkpoint_path, record, record['target'],
                                              record['granularities'], dtype, source=source), name=out_dir.name)
+        from drp_foundry.output_files import record_written_files
+
+        record_written_files(staging, REPORT_FILENAME)  # what --overwrite may replace later
         check_output_dir(out_dir, overwrite, inputs)  # nothing appeared meanwhile
     return report

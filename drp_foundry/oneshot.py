@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from drp_foundry.data.token_rows import mds_token_rows
 from drp_foundry.fileio import JSONLError, atomic_folder, read_jsonl, text_field
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
 from drp_foundry.pruning.expected_size import GRANULARITIES, pruned_granularities, target_keep_counts
@@ -55,27 +56,6 @@ def parse_target(text: str) -> TargetArchitecture:
         raise OneShotError(str(error)) from error
 
 
-def mds_token_rows(root: Path, split: str, seq_len: int, limit: int = 4096) -> dict[str, list[torch.Tensor]]:
-    """``{domain: [token row, ...]}`` from ``ROOT/<domain>/<split>/`` MDS folders: at most ``limit`` rows per
-    domain, each cut to ``seq_len`` tokens."""
-    from streaming import LocalDataset
-
-    out = {}
-    for folder in sorted(path for path in root.iterdir() if (path / split / 'index.json').is_file()):
-        dataset = LocalDataset(str(folder), split=split)
-        rows = []
-        for index in range(len(dataset)):
-            sample = dataset[index]
-            if 'tokens' not in sample:
-                raise OneShotError(f'--calibration {folder / split}: MDS samples have no tokens column '
-                                   f'({sorted(sample)}); pass a data_prep output folder')
-            rows.append(torch.as_tensor(sample['tokens'][:seq_len].astype('int64')))
-            if len(rows) >= limit:
-                break
-        out[folder.name] = rows
-    return out
-
-
 def _text_sequences(files: list[Path], tokenizer, seq_len: int, per_domain: int) -> dict[str, list[torch.Tensor]]:
     out = {}
     for path in files:
@@ -103,7 +83,10 @@ def calibration_sequences(data: str | Path, num_sequences: int, seq_len: int, to
     if not data.exists():
         raise OneShotError(f'--calibration {data} does not exist; pass a data_prep output folder or .jsonl text')
     if data.is_dir() and any((path / split / 'index.json').is_file() for path in data.iterdir()):
-        per_domain = mds_token_rows(data, split, seq_len)
+        try:
+            per_domain = mds_token_rows(data, split, seq_len)
+        except ValueError as err:
+            raise OneShotError(f'--calibration {err}') from None
     else:
         files = [data] if data.is_file() else sorted(data.glob('*.jsonl'))
         if not files:
@@ -179,6 +162,15 @@ def prune_directory(model_dir: str | Path, out_dir: str | Path, target: TargetAr
     except ExportError as error:
         raise OneShotError(str(error)) from error
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    from transformers import AutoConfig
+
+    from drp_foundry.identity_checks import IdentityError, check_data_root_fits
+
+    try:  # a data_prep root tokenised with another tokenizer would score the model on foreign ids
+        check_data_root_fits(Path(calibration), tokenizer, AutoConfig.from_pretrained(str(model_dir)),
+                             '--calibration', 'MODEL')
+    except IdentityError as error:
+        raise OneShotError(str(error)) from error
     hf_model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
     try:
         source = DecoderArchitecture.from_hf_config(hf_model.config)
@@ -199,4 +191,7 @@ def prune_directory(model_dir: str | Path, out_dir: str | Path, target: TargetAr
         write_model_card(staging, card_facts({}, 'none (one-shot pruning: no training run)', record,
                                              record['target'], list(GRANULARITIES), 'float32', source=str(model_dir)),
                          name=out_dir.name)
+        from drp_foundry.output_files import record_written_files
+
+        record_written_files(staging, REPORT_FILENAME)  # what --overwrite may replace later
     return report

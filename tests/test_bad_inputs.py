@@ -524,3 +524,453 @@ def test_bad_input_is_refused_with_a_message_naming_it(ctx, area, case_id, run, 
     message = run(ctx, f'{area}-{case_id}')
     for fragment in expected:
         assert fragment in message, f'{fragment!r} not in: {message}'
+
+
+# --- issue 28: nothing written is lost, integrity, identity, a scheduler that can act, typed values ----------
+# Each row: ``setup(c, folder)`` builds what the row needs in its own folder and returns ``attempt()``, which
+# makes the mistake and returns the message. ``intact`` hashes that folder and the shared data root before
+# and after the attempt: every file written before is byte-identical afterwards. Rows that go through a
+# tool that could build the model assert it was not built.
+
+def _digest(*folders: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else 'link'
+            for folder in folders for p in sorted(folder.rglob('*')) if p.is_file() or p.is_symlink()}
+
+
+def intact(setup: Callable[[Ctx, Path], Callable[[], str]]) -> Callable[[Ctx, str], str]:
+    def run(c: Ctx, name: str) -> str:
+        folder = c.case_dir(name)
+        attempt = setup(c, folder)
+        before = _digest(folder, c.data)
+        message = attempt()
+        assert _digest(folder, c.data) == before, 'a file written before changed'
+        return message
+    return run
+
+
+def _config_error(cfg: dict) -> str:
+    with pytest.raises(ConfigError) as err:
+        check_train_config(om.create(cfg))
+    return str(err.value)
+
+
+def preflight(edit: Callable[[dict, Ctx, Path], None]) -> Callable[[Ctx, str], str]:
+    """A config (and data) mistake refused by the pre-flight (no model exists yet)."""
+    def setup(c: Ctx, folder: Path) -> Callable[[], str]:
+        cfg = copy.deepcopy(c.config)
+        edit(cfg, c, folder)
+        return lambda: _config_error(cfg)
+    return intact(setup)
+
+
+_TRAINED: dict[str, Path] = {}
+
+
+def trained_run(c: Ctx) -> Path:
+    """One finished tiny run (12 batches, checkpoints every 2) of the table's data, made once."""
+    if 'run' not in _TRAINED:
+        from resume_harness import uninterrupted
+
+        _TRAINED['run'] = uninterrupted(c.work / 'trained', c.data)['run_dir']
+    return _TRAINED['run']
+
+
+def _run_copy(c: Ctx, folder: Path, latest: int | None = None) -> tuple[dict, Path]:
+    """A copy of the trained run (its checkpoints) and its config; ``latest`` re-points latest-rank0.pt."""
+    from resume_harness import write_config
+
+    run_dir = folder / 'run'
+    shutil.copytree(trained_run(c), run_dir, symlinks=True)
+    if latest is not None:
+        link = run_dir / 'checkpoints' / 'latest-rank0.pt'
+        link.unlink()
+        link.symlink_to(f'ep0-ba{latest}-rank0.pt')
+    cfg = json.loads(write_config(folder / 'cfg.yaml', c.data, run_dir).read_text())
+    return cfg, run_dir
+
+
+def resume_case(edit: Callable[[dict, Path], None], latest: int | None = 6) -> Callable[[Ctx, str], str]:
+    def setup(c: Ctx, folder: Path) -> Callable[[], str]:
+        cfg, run_dir = _run_copy(c, folder, latest)
+        edit(cfg, run_dir)
+        return lambda: _config_error(cfg)
+    return intact(setup)
+
+
+def _damage(rel: str, how: str) -> Callable[[dict, Path], None]:
+    def edit(cfg: dict, run_dir: Path) -> None:
+        path = (run_dir / 'checkpoints' / rel).resolve()
+        if how == 'truncate':
+            data = path.read_bytes()
+            path.write_bytes(data[:len(data) // 3])
+        else:  # NaN into one weight, the file otherwise a valid checkpoint
+            checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+            tensor = checkpoint['state']['model'][how]
+            tensor.view(-1)[0] = float('nan')
+            torch.save(checkpoint, path)
+    return edit
+
+
+def train_py(setup_cfg: Callable[[Ctx, Path], dict]) -> Callable[[Ctx, str], str]:
+    """The real train.py: refused (exit != 0) without a traceback and before LLM-Foundry builds anything."""
+    def setup(c: Ctx, folder: Path) -> Callable[[], str]:
+        cfg = setup_cfg(c, folder)
+        (folder / 'cfg.yaml').write_text(json.dumps(cfg))
+
+        def attempt() -> str:
+            result = subprocess.run([sys.executable, str(REPO / 'train.py'), str(folder / 'cfg.yaml')],
+                                    capture_output=True, text=True, cwd=folder, timeout=300)
+            assert result.returncode != 0
+            assert 'Building trainer' not in result.stdout + result.stderr and 'Traceback' not in result.stderr
+            return result.stderr
+        return attempt
+    return intact(setup)
+
+
+_HOLDERS: list = []
+
+
+def _locked_by_another(c: Ctx, folder: Path) -> dict:
+    """A live process holds the save_folder's lock (as a running train.py does)."""
+    cfg = copy.deepcopy(c.config)
+    cfg['save_folder'] = str(folder / 'run' / 'checkpoints')
+    code = ('import sys, time; from drp_foundry.run_lock import hold_run_lock; h = hold_run_lock(sys.argv[1]); '
+            'print("held", flush=True); time.sleep(300)')
+    proc = subprocess.Popen([sys.executable, '-c', code, cfg['save_folder']], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == 'held'
+    _HOLDERS.append(proc)
+    (folder / 'holder.pid').write_text(str(proc.pid))
+    return cfg
+
+
+def _finished_run(c: Ctx, folder: Path) -> dict:
+    cfg, _ = _run_copy(c, folder)
+    return cfg
+
+
+def _in_process(fn: Callable[[], None], error: type, no_model: list[str]) -> str:
+    """Call ``fn``; it must raise ``error`` without ``no_model`` (dotted names of model builders) being called."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    with ExitStack() as stack:
+        for target in no_model:
+            stack.enter_context(mock.patch(target, side_effect=AssertionError(f'the model was built ({target})')))
+        with pytest.raises(error) as err:
+            fn()
+    return str(err.value)
+
+
+def _earlier_export(folder: Path, *extra: str) -> Path:
+    """An earlier export's folder (its report lists what it wrote), plus files a user added."""
+    out = folder / 'exported'
+    out.mkdir()
+    (out / 'config.json').write_text('{}')
+    (out / 'model.safetensors').write_bytes(b'weights')
+    (out / 'pruning_report.json').write_text(json.dumps(
+        {'written_files': ['config.json', 'model.safetensors', 'pruning_report.json']}))
+    for rel in extra:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text('mine')
+    return out
+
+
+def export_overwrite_case(c: Ctx, folder: Path) -> Callable[[], str]:
+    from drp_foundry.export import ExportError, export_checkpoint
+
+    out = _earlier_export(folder, 'domain_losses.json', 'eval/notes.md')
+    checkpoint = _fake_checkpoint(folder / 'c.pt', masks=True)
+    return lambda: _in_process(lambda: export_checkpoint(checkpoint, out, overwrite=True), ExportError,
+                               ['drp_foundry.export.build_masked_model'])
+
+
+_TARGET = 'layers=3,hidden=64,heads=3,kv_heads=1,intermediate=128'
+
+
+def oneshot_overwrite_case(c: Ctx, folder: Path) -> Callable[[], str]:
+    from drp_foundry.oneshot import OneShotError, parse_target, prune_directory
+
+    out = _earlier_export(folder, 'notes.txt')
+    return lambda: _in_process(lambda: prune_directory(TINY_MODEL, out, parse_target(_TARGET), c.data,
+                                                       overwrite=True), OneShotError,
+                               ['transformers.AutoModelForCausalLM.from_pretrained'])
+
+
+def _other_tokenizer_dir(folder: Path, vocab: int = 300) -> Path:
+    from data_prep.tokenizer import train_bpe_tokenizer
+
+    train_bpe_tokenizer(['some other text for another tokenizer'] * 50, vocab_size=vocab, out_dir=folder / 'tok')
+    return folder / 'tok'
+
+
+def _model_with_tokenizer(folder: Path) -> Path:
+    """The tiny model's config with a tokenizer that is not the data's."""
+    model = folder / 'model'
+    model.mkdir()
+    shutil.copy(REPO / 'yamls/demo/models/tiny-gqa/config.json', model / 'config.json')
+    for p in _other_tokenizer_dir(folder).iterdir():
+        shutil.copy(p, model / p.name)
+    return model
+
+
+def oneshot_tokenizer_case(c: Ctx, folder: Path) -> Callable[[], str]:
+    from drp_foundry.oneshot import OneShotError, parse_target, prune_directory
+
+    model = _model_with_tokenizer(folder)
+    return lambda: _in_process(lambda: prune_directory(model, folder / 'out', parse_target(_TARGET), c.data),
+                               OneShotError, ['transformers.AutoModelForCausalLM.from_pretrained'])
+
+
+def domain_loss_tokenizer_case(c: Ctx, folder: Path) -> Callable[[], str]:
+    import contextlib
+    import io
+
+    from drp_foundry.commands.domain_loss import main
+
+    model = _model_with_tokenizer(folder)
+
+    def attempt() -> str:
+        from unittest import mock
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), mock.patch(
+                'drp_foundry.composer.domain_eval_losses.evaluate_domains', side_effect=AssertionError('model built')):
+            assert main([str(model), str(c.data), '--max-seq-len', '32']) == 2
+        return err.getvalue()
+    return attempt
+
+
+def export_real_case(args: Callable[[Path, Path], list[str]]) -> Callable[[Ctx, str], str]:
+    """drp-export of the trained run's last checkpoint with ``args(folder, checkpoint)`` after it."""
+    def setup(c: Ctx, folder: Path) -> Callable[[], str]:
+        from drp_foundry.export import ExportError
+
+        checkpoint = (trained_run(c) / 'checkpoints' / 'latest-rank0.pt').resolve()
+        extra = args(folder, checkpoint)
+
+        def attempt() -> str:
+            from drp_foundry.export import export_checkpoint
+
+            kwargs = dict(zip(extra[::2], extra[1::2]))
+            return _in_process(lambda: export_checkpoint(kwargs.pop('checkpoint', checkpoint), folder / 'out',
+                                                         **kwargs),
+                               ExportError, ['drp_foundry.export.build_masked_model'])
+        return attempt
+    return intact(setup)
+
+
+def _nan_masks_checkpoint(folder: Path, checkpoint: Path) -> list:
+    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    name = next(k for k in state['state']['model'] if 'log_alpha' in k)
+    state['state']['model'][name].view(-1)[0] = float('nan')
+    torch.save(state, folder / 'nan.pt')
+    return ['checkpoint', folder / 'nan.pt']
+
+
+def _source_of_other_width(folder: Path, checkpoint: Path) -> list:
+    config = json.loads((REPO / 'yamls/demo/models/tiny-gqa/config.json').read_text())
+    config['hidden_size'] = 2 * config['hidden_size']
+    (folder / 'src').mkdir()
+    (folder / 'src' / 'config.json').write_text(json.dumps(config))
+    return ['source', str(folder / 'src')]
+
+
+def _replace_split(domain: str, settings: PrepSettings | None = None, tokenizer_vocab: int = 2048):
+    """Replace ``domain``'s train shards with those of another build (manifest kept)."""
+    def change(data: Path) -> None:
+        corpus = data.parent / 'corpus-other'
+        shutil.copytree(data.parent.parent.parent / 'corpus', corpus)
+        other = data.parent / 'other-build'
+        build_domain_mds(corpus, other, train_tokenizer_vocab=tokenizer_vocab,
+                         settings=settings or PrepSettings(max_seq_len=32, max_train_samples=80, max_eval_samples=4))
+        shutil.rmtree(data / domain / 'train')
+        shutil.copytree(other / domain / 'train', data / domain / 'train')
+    return change
+
+
+def _cut_shard(domain: str, keep: float) -> Callable[[Path], None]:
+    def change(data: Path) -> None:
+        shard = data / domain / 'train' / 'shard.00000.mds'
+        raw = shard.read_bytes()
+        if keep == 0:
+            shard.unlink()
+        else:
+            shard.write_bytes(raw[:int(len(raw) * keep)])
+    return change
+
+
+def _big_token_ids(domain: str) -> Callable[[Path], None]:
+    """Same size, other bytes: the last samples' tokens set to an id beyond any vocabulary."""
+    def change(data: Path) -> None:
+        shard = data / domain / 'train' / 'shard.00000.mds'
+        raw = bytearray(shard.read_bytes())
+        raw[-64:] = (10 ** 6).to_bytes(4, 'little') * 16
+        shard.write_bytes(bytes(raw))
+    return change
+
+
+def dataset_case(change: Callable[[Path], None], vocab_size: int | None = None) -> Callable[[Ctx, str], str]:
+    """The drp_multidomain dataset itself reading changed shards (remote data has no pre-flight of its files)."""
+    def setup(c: Ctx, folder: Path) -> Callable[[], str]:
+        from streaming import Stream
+
+        from drp_foundry.data.multidomain_dataset import MultiDomainStreamingDataset
+
+        data = folder / 'data'
+        shutil.copytree(c.data, data)
+        change(data)
+
+        def attempt() -> str:
+            dataset = MultiDomainStreamingDataset(
+                domain_names=['arxiv', 'github', 'wiki'],
+                streams=[Stream(local=str(data / d), split='train') for d in ('arxiv', 'github', 'wiki')],
+                proportions=[0.0, 0.0, 1.0], max_seq_len=32, device_batch_size=4, world_size=1, rank=0)
+            dataset.vocab_size, dataset.sample_length = vocab_size, 32
+            with pytest.raises(RuntimeError) as err:
+                for _ in zip(range(400), iter(dataset)):
+                    pass
+            return str(err.value)
+        return attempt
+    return intact(setup)
+
+
+def _no_finite_eval(c: Ctx, folder: Path) -> Callable[[], str]:
+    import numpy as np
+
+    from drp_foundry.composer.dynamic_loading import check_eval_losses_finite
+
+    class _Metric:
+        update_called = True
+
+    class _State:
+        eval_metrics = {'eval/arxiv': {'LanguageCrossEntropy': _Metric()},
+                        'eval/wiki': {'LanguageCrossEntropy': _Metric()}}
+        timestamp = type('T', (), {'batch': type('B', (), {'value': 4})()})()
+
+    return lambda: _in_process(lambda: check_eval_losses_finite(_State(), ['arxiv', 'wiki'],
+                                                                np.array([2.0, np.nan]), 'LanguageCrossEntropy'),
+                               ValueError, [])
+
+
+ISSUE28_CASES = [
+    # nothing written is lost (Build 1)
+    ('lost', 'export-overwrite-keeps-user-files', intact(export_overwrite_case),
+     ['holds files the earlier export did not write', 'domain_losses.json', 'eval/notes.md']),
+    ('lost', 'oneshot-overwrite-keeps-user-files', intact(oneshot_overwrite_case),
+     ['did not write', 'notes.txt']),
+    ('lost', 'second-run-same-save-folder', train_py(_locked_by_another),
+     ['is in use by a live run', 'run/checkpoints', 'pid ']),
+    ('lost', 'rerun-of-a-finished-run', train_py(_finished_run),
+     ['max_duration: 12ba', 'saved at batch 12', 'nothing is left to train']),
+    ('lost', 'unreadable-checkpoint', resume_case(_damage('latest-rank0.pt', 'truncate')),
+     ['cannot read checkpoint', 'ep0-ba6-rank0.pt', 'earlier checkpoints', 'ep0-ba4-rank0.pt']),
+    # integrity from data to export (Build 2)
+    ('integrity', 'truncated-shard', preflight(_with_data(_cut_shard('wiki', 0.5))),
+     ["domain 'wiki' (train)", 'wiki/train/shard.00000.mds', 'truncated']),
+    ('integrity', 'missing-shard', preflight(_with_data(_cut_shard('github', 0))),
+     ["domain 'github' (train)", 'github/train/shard.00000.mds is missing']),
+    ('integrity', 'shards-of-another-tokenizer', preflight(_with_data(_replace_split('arxiv', tokenizer_vocab=300))),
+     ["domain 'arxiv' (train)", 'arxiv/train/index.json is not the one data_prep wrote']),
+    ('integrity', 'shards-of-another-seq-len', preflight(_with_data(_replace_split(
+        'wiki', PrepSettings(max_seq_len=16, max_train_samples=80, max_eval_samples=4)))),
+     ["domain 'wiki' (train)", 'wiki/train/index.json']),
+    ('integrity', 'token-ids-beyond-vocab', preflight(_with_data(_big_token_ids('wiki'))),
+     ["domain 'wiki' (train)", 'shard.00000.mds has other content']),
+    ('integrity', 'dataset-token-ids-beyond-vocab', dataset_case(_big_token_ids('wiki'), vocab_size=2048),
+     ["domain 'wiki'", 'wiki/train/shard.00000.mds', 'beyond the tokenizer']),
+    ('integrity', 'dataset-truncated-shard', dataset_case(_cut_shard('wiki', 0.5)),
+     ["domain 'wiki'", 'wiki/train/shard.00000.mds', 'cannot be read']),
+    ('integrity', 'checkpoint-nan-weights', resume_case(_damage('latest-rank0.pt', 'model.model.embed_tokens.weight')),
+     ['non-finite values', 'model.model.embed_tokens.weight', 'ep0-ba6-rank0.pt']),
+    ('integrity', 'export-nan-masks', export_real_case(_nan_masks_checkpoint),
+     ['nan.pt holds non-finite values', 'log_alpha']),
+    # identity everywhere (Build 3)
+    ('identity', 'oneshot-calibration-other-tokenizer', intact(oneshot_tokenizer_case),
+     ['--calibration', 'not with the tokenizer of MODEL']),
+    ('identity', 'domain-loss-other-tokenizer', intact(domain_loss_tokenizer_case),
+     ['DATA_ROOT', 'not with the tokenizer of MODEL_DIR']),
+    ('identity', 'export-tokenizer-of-another-vocab', export_real_case(
+        lambda f, ck: ['tokenizer_dir', str(_other_tokenizer_dir(f))]),
+     ['--tokenizer', 'not the one the checkpoint stores']),
+    ('identity', 'export-source-of-another-model', export_real_case(_source_of_other_width),
+     ['--source', 'not the model this checkpoint was pruned from', 'hidden_size']),
+    ('identity', 'resume-other-policy', resume_case(
+        lambda cfg, r: cfg['callbacks']['drp_dynamic_loading']['policy'].update(name='constant', reference_losses=None,
+                                                                                fit_start_fraction=None,
+                                                                                ratio_start_fraction=None,
+                                                                                history_start_fraction=None,
+                                                                                min_fit_points=None)),
+     ['callbacks.drp_dynamic_loading.policy', "name: 'drpruning' -> 'constant'"]),
+    ('identity', 'resume-other-target-ramp', resume_case(
+        lambda cfg, r: cfg['algorithms']['drp_lagrangian'].update(warmup_steps=6)),
+     ['algorithms.drp_lagrangian.warmup_steps', 'ramped over 8', 'warmup_steps: 8']),
+    ('identity', 'resume-other-proportions', resume_case(
+        lambda cfg, r: cfg['train_loader']['dataset'].update(proportions=[0.2, 0.4, 0.4])),
+     ['train_loader.dataset.proportions', 'started from the mixture']),
+    ('identity', 'resume-other-shuffle-seed', resume_case(
+        lambda cfg, r: cfg['train_loader']['dataset'].update(shuffle_seed=6)),
+     ['train_loader.dataset.shuffle_seed: 6', 'used 5']),
+    ('identity', 'resume-other-target', resume_case(
+        lambda cfg, r: cfg['algorithms']['drp_mask_learner']['target'].update(layers=2)),
+     ['algorithms.drp_mask_learner.target', 'trained toward']),
+    # a scheduler that cannot act (Build 4)
+    ('scheduler', 'eval-interval-longer-than-run', preflight(_set('eval_interval', '20ba')),
+     ['eval_interval: 20ba', 'no eval inside the run', 'max_duration 12 batches']),
+    ('scheduler', 'eval-interval-equal-to-run', preflight(_set('eval_interval', '12ba')),
+     ['eval_interval: 12ba', 'only after the last batch']),
+    ('scheduler', 'eval-interval-in-epochs', preflight(_set('eval_interval', '1ep')),
+     ['eval_interval: 1ep is not in batches']),
+    ('scheduler', 'loss-metric-typo', preflight(_set('callbacks.drp_dynamic_loading.loss_metric',
+                                                     'LanguageCrossEntropyy')),
+     ['callbacks.drp_dynamic_loading.loss_metric', "'LanguageCrossEntropyy'", "did you mean 'LanguageCrossEntropy'",
+      'LanguagePerplexity']),
+    ('scheduler', 'negative-reference-loss', preflight(_set('callbacks.drp_dynamic_loading.policy.reference_losses',
+                                                            {'arxiv': -1.0, 'github': 2.0, 'wiki': 2.0})),
+     ['drp_dynamic_loading.policy', 'reference_losses', '>= 0', "'arxiv': -1.0"]),
+    ('scheduler', 'infinite-reference-loss', preflight(_set('callbacks.drp_dynamic_loading.policy.reference_losses',
+                                                            {'arxiv': float('inf'), 'github': 2.0, 'wiki': 2.0})),
+     ['drp_dynamic_loading.policy', 'reference_losses', 'finite']),
+    ('scheduler', 'evals-give-no-finite-loss', intact(_no_finite_eval),
+     ["eval loaders of ['wiki'] ran but gave no finite LanguageCrossEntropy", 'batch 4']),
+    # every value checked by type, or used, or refused (Build 5)
+    ('types', 'mask-lr-word', preflight(_set('algorithms.drp_mask_learner.mask_lr', 'fast')),
+     ["algorithms.drp_mask_learner.mask_lr: 'fast' is str", 'a number']),
+    ('types', 'log-images-word', preflight(_set('callbacks.drp_dynamic_loading.log_images', 'yes')),
+     ["callbacks.drp_dynamic_loading.log_images: 'yes' is str", 'true or false']),
+    ('types', 'policy-rho-word', preflight(_set('callbacks.drp_dynamic_loading.policy.rho', 'high')),
+     ["callbacks.drp_dynamic_loading.policy.rho: 'high' is str"]),
+    ('types', 'calibration-batches-float', preflight(_set('algorithms.drp_mask_learner.calibration_batches', 2.5)),
+     ['algorithms.drp_mask_learner.calibration_batches: 2.5 is float', 'an integer']),
+    ('types', 'text-train-loader-under-scheduler', preflight(lambda cfg, c, f: cfg.update(train_loader={
+        'name': 'text', 'drop_last': True, 'num_workers': 0,
+        'dataset': {'local': str(c.data / 'wiki'), 'split': 'train', 'max_seq_len': 32, 'shuffle': True}})),
+     ['callbacks.drp_dynamic_loading needs train_loader.name: drp_multidomain', "'text'"]),
+    ('types', 'domain-names-order', preflight(_set('callbacks.drp_dynamic_loading.domain_names',
+                                                   ['wiki', 'github', 'arxiv'])),
+     ['callbacks.drp_dynamic_loading.domain_names', 'same order']),
+    ('types', 'eval-label-not-a-domain', preflight(_set('eval_loaders.2.label', 'wikipedia')),
+     ["no eval loader labelled ['wiki']", 'wikipedia']),
+]
+
+
+def test_issue28_rows_cover_every_kind():
+    kinds: dict[str, int] = {}
+    for kind, *_ in ISSUE28_CASES:
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert set(kinds) == {'lost', 'integrity', 'identity', 'scheduler', 'types'} and min(kinds.values()) >= 4, kinds
+    assert len({i for _, i, *_ in ISSUE28_CASES} | {i for _, i, *_ in CASES}) == len(ISSUE28_CASES) + len(CASES)
+
+
+@pytest.mark.parametrize('kind,case_id,run,expected', ISSUE28_CASES, ids=[f'{k}-{i}' for k, i, *_ in ISSUE28_CASES])
+def test_issue28_mistake_is_refused_naming_it_and_nothing_written_changes(ctx, kind, case_id, run, expected):
+    try:
+        message = run(ctx, f'i28-{kind}-{case_id}')
+    finally:
+        while _HOLDERS:
+            proc = _HOLDERS.pop()
+            proc.kill()
+            proc.wait()
+    for fragment in expected:
+        assert fragment in message, f'{fragment!r} not in: {message}'

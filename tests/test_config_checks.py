@@ -28,7 +28,7 @@ def write_fake_data_root(root: Path, tokenizer_dir: Path, max_seq_len: int = 128
 
     from transformers import AutoTokenizer
 
-    from data_prep.build_domain_mds import tokenizer_identity
+    from drp_foundry.data.manifest import tokenizer_identity
 
     for domain in domains:
         for split in ['train', 'eval']:

@@ -104,4 +104,4 @@ def test_the_demo_resolves_everything_from_an_installed_wheel(wheel, tmp_path):
     # a missing source model is named with the way to make it
     shutil.rmtree(elsewhere / 'models')
     result = run('-m', 'drp_foundry.commands.demo', '--check')
-    assert result.returncode != 0 and 'drp_foundry.sources.smollm2 --out models/smollm2-135m' in result.stderr
+    assert result.returncode != 0 and 'drp_foundry.commands.smollm2 --out models/smollm2-135m' in result.stderr

@@ -299,10 +299,15 @@ def test_non_empty_output_needs_overwrite(composer_run, tmp_path, tiny_tokenizer
     assert 'is not an earlier export (no pruning_report.json)' in capsys.readouterr().err
     assert (out_dir / 'old.txt').read_text() == 'previous export'
     (out_dir / 'pruning_report.json').write_text('{}')
+    # an earlier export, but with a file it did not write (issue 28): refused, listed, kept
+    assert main([str(composer_run['checkpoint']), str(out_dir), '--overwrite']) == 2
+    assert "did not write: ['old.txt']" in capsys.readouterr().err
+    assert (out_dir / 'old.txt').read_text() == 'previous export'
+    (out_dir / 'old.txt').unlink()
 
     assert main([str(composer_run['checkpoint']), str(out_dir), '--overwrite', '--tokenizer',
                  str(tiny_tokenizer_dir)]) == 0
-    assert not (out_dir / 'old.txt').exists() and (out_dir / 'config.json').is_file()
+    assert (out_dir / 'config.json').is_file()
     assert leftovers(tmp_path) == []
     assert main([str(composer_run['checkpoint']), str(out_dir), '--overwrite']) == 0  # re-export over its own output
 

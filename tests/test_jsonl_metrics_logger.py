@@ -86,4 +86,18 @@ def test_a_checkpoint_of_another_file_is_a_fresh_start(tmp_path):
     logger = JSONLMetricsLogger(path=str(path))
     logger.init(_State(), None)
     logger.load_state_dict({'path': str(tmp_path / 'other.jsonl'), 'bytes': 5})
+    logger.fit_start(_State(), None)
     assert (tmp_path / 'm.1.jsonl').exists()
+
+
+def test_a_run_refused_after_its_checkpoint_load_leaves_the_file_as_it_was(tmp_path):
+    # Composer loads the checkpoint in Trainer init and refuses a finished run in fit(), before FIT_START
+    path = tmp_path / 'm.jsonl'
+    path.write_text('{"step": 0, "loss": 1}\n{"step": 1, "loss": 2}\n{"step": 2, "loss": 3}\n')
+    before = path.read_bytes()
+    logger = JSONLMetricsLogger(path=str(path))
+    logger.init(_State(), None)
+    logger.log_metrics({'n_params': 5.0}, step=0)
+    logger.load_state_dict({'path': str(path), 'bytes': len(before) - 20})
+    logger.close(_State(), None)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ['m.jsonl']

@@ -130,7 +130,7 @@ def _write_manifest(data_root: Path, raw: dict[str, Any], tokenizer_dir: Path) -
     """The data_prep manifest the pre-flight check reads (domains, seq length, tokenizer)."""
     from transformers import AutoTokenizer
 
-    from data_prep.build_domain_mds import tokenizer_identity
+    from drp_foundry.data.manifest import tokenizer_identity
 
     domains = sorted(p.name for p in data_root.iterdir() if p.is_dir())
     manifest = {'fingerprint': 'recipe-test', 'settings': {'max_seq_len': SEQ_LEN}, 'tokenizer': str(tokenizer_dir),

@@ -21,9 +21,8 @@ from typing import Any, Callable, Iterable
 from omegaconf import DictConfig, ListConfig
 from omegaconf import OmegaConf as om
 
-
-class ConfigError(ValueError):
-    """A configuration mistake found before training; the message names the key and the fix."""
+from drp_foundry.composer.config_error import ConfigError
+from drp_foundry.composer.config_error import batches_of as _batches
 
 
 def _did_you_mean(word: str, options: Iterable[str]) -> str:
@@ -177,21 +176,6 @@ def _model_config(cfg: DictConfig):
         raise ConfigError(f'model.pretrained_model_name_or_path: cannot read {path}/config.json ({err})') from None
 
 
-def _batches(value: Any, key: str) -> tuple[int | None, str | None]:
-    """(batches, unit) of a Composer time value (int = batches); unit None when unparsable."""
-    if value is None:
-        return None, None
-    if isinstance(value, int):
-        return value, 'ba'
-    from composer.core import Time, TimeUnit
-
-    try:
-        time = Time.from_timestring(str(value))
-    except (ValueError, TypeError):
-        raise ConfigError(f'{key}: {value!r} is not a duration; write e.g. 3200ba or 1000000tok') from None
-    return (int(time.value), 'ba') if time.unit == TimeUnit.BATCH else (None, time.unit.value)
-
-
 def _check_combinations(cfg: DictConfig, algorithms: dict[str, Any]) -> None:
     """Pruning combinations that would run but not do what the user wants."""
     configured = set((cfg.get('algorithms') or {}).keys())
@@ -276,10 +260,9 @@ def _check_scheduler_against_data(cfg: DictConfig) -> None:
 
 
 def _read_manifest(data_root: Path, where: str, require: bool) -> dict | None:
-    import json
+    from drp_foundry.data.manifest import MANIFEST, ManifestError, read_manifest
 
-    path = data_root / 'manifest.json'
-    if not path.is_file():
+    if not (data_root / MANIFEST).is_file():
         partial = [p.name for p in (data_root / '.building', data_root.parent / f'.{data_root.name}.staging')
                    if p.exists()]
         if partial or require:
@@ -289,12 +272,9 @@ def _read_manifest(data_root: Path, where: str, require: bool) -> dict | None:
                               'dataset section for shards written by another tool')
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as err:
-        raise ConfigError(f'{where}: {path} is not valid JSON ({err}); rebuild the data root') from None
-    if not isinstance(manifest.get('domains'), dict) or not isinstance(manifest.get('settings'), dict):
-        raise ConfigError(f'{where}: {path} lacks "domains"/"settings"; it is not a complete data_prep manifest')
-    return manifest
+        return read_manifest(data_root)
+    except ManifestError as err:
+        raise ConfigError(f'{where}: {err}') from None
 
 
 def _check_manifest(cfg: DictConfig, manifest: dict, data_root: Path, where: str, domains: list[str],
@@ -313,7 +293,7 @@ def _check_manifest(cfg: DictConfig, manifest: dict, data_root: Path, where: str
     if tokenizer and manifest.get('tokenizer_identity') and Path(str(tokenizer)).is_dir():
         from transformers import AutoTokenizer
 
-        from data_prep.build_domain_mds import tokenizer_identity
+        from drp_foundry.data.manifest import tokenizer_identity
 
         try:
             loaded = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
@@ -395,8 +375,11 @@ def _expand_domain_evals(cfg: DictConfig) -> DictConfig:
         raise ConfigError(str(err)) from None
 
 
-def check_train_config(cfg: DictConfig) -> None:
-    """Check a resolved training config; raise ``ConfigError`` on the first mistake."""
+def check_train_config(cfg: DictConfig, resume: bool = True) -> None:
+    """Check a resolved training config; raise ``ConfigError`` on the first mistake.
+
+    ``resume``: also check the checkpoint the run would resume from (``resume_checks.py``); the
+    train command does that after it holds the save_folder's lock."""
     from llmfoundry import registry
     from llmfoundry.utils.config_utils import TrainConfig
 
@@ -415,6 +398,9 @@ def check_train_config(cfg: DictConfig) -> None:
         _check_local_folder('model.pretrained_model_name_or_path', model.get('pretrained_model_name_or_path'),
                             'model')
     _check_local_folder('tokenizer.name', (cfg.get('tokenizer') or {}).get('name'), 'tokenizer')
+    from drp_foundry.composer.preflight_checks import check_component_types
+
+    check_component_types(cfg)  # before the components are constructed below
     _check_named_components(cfg, 'callbacks', registry.callbacks)
     algorithms = _check_named_components(cfg, 'algorithms', registry.algorithms)
     _check_named_components(cfg, 'loggers', registry.loggers)
@@ -437,6 +423,13 @@ def check_train_config(cfg: DictConfig) -> None:
     _check_combinations(cfg, algorithms)
     _check_pruning_with_fsdp(cfg)
     _check_data_manifests(cfg)
+    from drp_foundry.composer.preflight_checks import check_sections
+
+    check_sections(cfg)  # types, scheduler cadence and metric, data integrity (preflight_checks.py)
+    if resume:
+        from drp_foundry.composer.resume_checks import check_resume_checkpoint
+
+        check_resume_checkpoint(cfg)
 
 
 def load_train_config(yaml_path: str | os.PathLike, overrides: list[str] | None = None) -> DictConfig:
@@ -452,9 +445,10 @@ def load_train_config(yaml_path: str | os.PathLike, overrides: list[str] | None 
     return cfg
 
 
-def check_train_config_file(yaml_path: str | os.PathLike, overrides: list[str] | None = None) -> None:
+def check_train_config_file(yaml_path: str | os.PathLike, overrides: list[str] | None = None,
+                            resume: bool = True) -> None:
     """Load and check; on a mistake print it and exit with status 2 (nothing has started yet)."""
     try:
-        check_train_config(load_train_config(yaml_path, overrides))
+        check_train_config(load_train_config(yaml_path, overrides), resume=resume)
     except ConfigError as err:
         raise SystemExit(f'config error in {yaml_path}: {err}') from None

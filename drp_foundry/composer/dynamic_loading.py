@@ -41,7 +41,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from omegaconf import DictConfig, OmegaConf
 
-from drp_foundry.composer.domain_eval_losses import read_domain_eval_losses
+from drp_foundry.composer.domain_eval_losses import domain_of_label, read_domain_eval_losses
 from drp_foundry.composer.hf_model import unwrap_hf_model
 from drp_foundry.composer.run_length import max_duration_in_batches
 from drp_foundry.mixtures import per_domain
@@ -123,6 +123,30 @@ def check_reference_ratio(reference_ratio: Sequence[float], dataset_proportions:
         raise ValueError(f'drp_dynamic_loading.reference_ratio {reference.tolist()} differs from the train dataset\'s '
                          f'initial proportions {dataset.tolist()}; give both the same values (or omit '
                          'reference_ratio to use the dataset\'s)')
+
+
+def check_loss_metric_computed(state: State, metric_name: str) -> None:
+    """``loss_metric`` must be a metric the evaluators compute (else every update keeps the old mixture)."""
+    names: set[str] = set()
+    for evaluator in state.evaluators:
+        names |= set(getattr(evaluator, 'metric_names', None) or [])
+    for metrics in (state.eval_metrics or {}).values():
+        names |= set(metrics)
+    if names and metric_name not in names:
+        raise ValueError(f'drp_dynamic_loading.loss_metric: no evaluator computes {metric_name!r}; the eval metrics '
+                         f'are {sorted(names)}')
+
+
+def check_eval_losses_finite(state: State, domain_names: Sequence[str], losses: np.ndarray, metric_name: str) -> None:
+    """An eval that ran and gave no finite loss stops the run: the scheduler cannot act on it."""
+    ran = {domain_of_label(label): metrics[metric_name] for label, metrics in (state.eval_metrics or {}).items()
+           if metric_name in metrics}
+    bad = {d: float(v) for d, v in zip(domain_names, losses)
+           if not np.isfinite(v) and d in ran and getattr(ran[d], 'update_called', True)}
+    if bad:
+        raise ValueError(f'drp_dynamic_loading: the eval loaders of {sorted(bad)} ran but gave no finite '
+                         f'{metric_name} ({bad}) at batch {state.timestamp.batch.value}; the scheduler cannot update '
+                         'the mixture. Check those eval loaders (empty split? a diverged model?) and loss_metric')
 
 
 class DynamicLoading(Callback):
@@ -242,6 +266,7 @@ class DynamicLoading(Callback):
         del logger
         self._setup(state)
         self._check_evaluators(state)
+        check_loss_metric_computed(state, self.loss_metric)
         dataset = find_mixture_dataset(state.train_dataloader)
         if self.policy.num_updates > 0 and not np.allclose(dataset.proportions, self.policy.q, atol=1e-12):
             log.warning('drp_dynamic_loading: the resumed dataset mixture %s differs from the scheduler\'s %s; '
@@ -266,6 +291,7 @@ class DynamicLoading(Callback):
         dataset = find_mixture_dataset(state.train_dataloader)
         step = state.timestamp.batch.value
         losses = read_eval_losses(state, self.policy.domain_names, self.loss_metric)
+        check_eval_losses_finite(state, self.policy.domain_names, losses, self.loss_metric)
         expected_params = self._expected_params(state)
         q, diagnostics = apply_dynamic_loading(self.policy, dataset, step, losses, expected_params)
         if diagnostics.get('skipped'):
@@ -379,7 +405,9 @@ class DynamicLoading(Callback):
         has no trajectory and no fits yet, so nested values would not be found."""
         policy_state = self.policy.state_dict() if self.policy is not None else self._pending_state
         return {'json': json.dumps({'policy_state': policy_state,
-                                    'trajectory': [dict(point) for point in self.trajectory]})}
+                                    'trajectory': [dict(point) for point in self.trajectory],
+                                    # what the pre-flight compares with a resumed run's config (resume_checks.py)
+                                    'policy_config': self.policy_config, 'loss_metric': self.loss_metric})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if 'json' in state:  # checkpoints before the JSON string hold the mapping itself

@@ -10,6 +10,9 @@ resumes (a checkpoint load, or ``FIT_START`` without one).
 - A resumed run cuts the file back to its size when the checkpoint was saved (kept in the
   logger's checkpoint state), dropping the records of the steps the killed run made after
   its checkpoint, then appends. The file then holds exactly what an uninterrupted run writes.
+- Either happens at ``FIT_START`` (or ``EVAL_STANDALONE_START``), never at the checkpoint load
+  itself: a run that is refused after loading (Composer's "No training would occur" for a
+  finished run), or fails to load, leaves the file exactly as it was and writes nothing.
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ class JSONLMetricsLogger(LoggerDestination):
     Args:
         path: output file; ``{run_name}`` is replaced by the run name.
         prefixes: keep only metrics whose name starts with one of these (``None``: all).
+
+    Example:
+        >>> from drp_foundry import JSONLMetricsLogger
+        >>> logger = JSONLMetricsLogger(path='runs/{run_name}/metrics.jsonl', prefixes=['drp/', 'metrics/eval/'])
+        >>> logger.prefixes  # Trainer(..., loggers=[logger]); read the file back with read_metrics(path)
+        ('drp/', 'metrics/eval/')
     """
 
     def __init__(self, path: str = '{run_name}/metrics.jsonl', prefixes: Optional[Sequence[str]] = None):
@@ -64,6 +73,7 @@ class JSONLMetricsLogger(LoggerDestination):
         self._path: Optional[Path] = None
         self._pending: list[str] | None = []  # lines held until the run is known to be fresh or resumed
         self.moved_aside: Optional[Path] = None
+        self._resume_bytes: int | None = None  # from the checkpoint; applied at FIT_START
 
     def init(self, state: State, logger) -> None:
         self._path = Path(self.path_template.format(run_name=state.run_name))
@@ -110,16 +120,18 @@ class JSONLMetricsLogger(LoggerDestination):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         same_file = self._path is not None and state.get('path') == str(self._path)
-        self._start(int(state.get('bytes', 0)) if same_file else None)
+        # only noted: the trainer may still refuse the run (nothing left to train) before FIT_START
+        self._resume_bytes = int(state.get('bytes', 0)) if same_file else None
 
     def fit_start(self, state: State, logger) -> None:
-        self._start(None)  # no checkpoint state was loaded: a fresh run
+        self._start(self._resume_bytes)  # None: no checkpoint state of this file was loaded, a fresh run
 
     def eval_standalone_start(self, state: State, logger) -> None:
         self._start(None)
 
     def close(self, state: State, logger) -> None:
-        self._start(None)
+        if self._pending is not None:  # never started (refused, or failed before FIT_START): touch nothing
+            self._pending = None
 
     # -- writing -----------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:

@@ -22,7 +22,7 @@ Needs ``drp_mask_learner`` (which attaches the masks) in the same run.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
@@ -92,6 +92,7 @@ class LagrangianUpdater(Algorithm):
         self.warmup_steps = warmup_steps
         self.warmup_fraction = float(warmup_fraction)
         self._last_metrics: dict[str, float] = {}
+        self._resolved_warmup: int | None = None
 
     def resolved_warmup_steps(self, state: State) -> int:
         """``warmup_steps``, or ``warmup_fraction`` of ``max_duration`` in batches."""
@@ -101,13 +102,24 @@ class LagrangianUpdater(Algorithm):
                                         "(e.g. '640ba') to place the target ramp")
         return int(round(self.warmup_fraction * total))
 
+    def state_dict(self) -> dict[str, Any]:
+        # the ramp's length, so that a resumed run with another max_duration is refused (resume_checks.py)
+        return {'warmup_steps': self._resolved_warmup}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._saved_warmup = state.get('warmup_steps')
+
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.FIT_START, Event.AFTER_LOSS, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             find_mask_module(state.model)  # fail before the first step when the masks are missing
-            self.resolved_warmup_steps(state)
+            self._resolved_warmup = self.resolved_warmup_steps(state)
+            saved = getattr(self, '_saved_warmup', None)
+            if saved is not None and int(saved) != self._resolved_warmup:
+                raise ValueError(f'drp_lagrangian.warmup_steps: this run ramps the target over {self._resolved_warmup} '
+                                 f'batches, the checkpoint it resumes over {saved}; set warmup_steps: {saved}')
             return
         if event == Event.BATCH_END:
             if self._last_metrics:

@@ -213,6 +213,22 @@ def mask_metrics(mask_module: L0MaskModule) -> dict[str, float]:
     return metrics
 
 
+def refuse_non_finite_parameters(model: torch.nn.Module) -> None:
+    """After a checkpoint load: NaN or infinite weights, log-alphas or λ stop the run, named (the pre-flight
+    checks a local checkpoint file before; this covers sharded and remote ones). Each rank checks its shards."""
+    bad = []
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, 'to_local') else param
+        if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local.detach()).all()):
+            bad.append(name)
+            if len(bad) == 5:
+                break
+    if bad:
+        raise ValueError(f'drp_mask_learner: the loaded checkpoint (load_path / autoresume) holds non-finite values '
+                         f'(NaN or inf) in {bad}; the file is damaged or the run diverged: resume from an earlier '
+                         'checkpoint (load_path, autoresume: false)')
+
+
 class MaskLearner(Algorithm):
     """Learn L0 masks toward a target architecture (registered as ``drp_mask_learner``).
 
@@ -306,6 +322,7 @@ class MaskLearner(Algorithm):
         elif event == Event.AFTER_LOAD:
             for optimizer in ensure_tuple(state.optimizers):
                 reshape_scalar_lambda_state(optimizer)
+            refuse_non_finite_parameters(state.model)
         elif event == Event.FIT_START:
             if int(state.timestamp.batch) > 0:  # resumed: the checkpoint's masks are the trained ones
                 return

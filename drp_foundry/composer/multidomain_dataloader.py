@@ -42,7 +42,9 @@ Eval: the ``drp_domain_evals`` eval-loader entry (``domain_eval_loaders.py``) st
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,6 +106,13 @@ def build_multidomain_dataloader(tokenizer: PreTrainedTokenizerBase | None,
         prefetch=settings.prefetch,
     )
 
+    multidomain.vocab_size = len(tokenizer)  # token ids beyond it are refused, naming the domain and shard
+    manifest = Path(str(dataset.get('data_root') or '')) / 'manifest.json'
+    if dataset.get('data_root') and not dataset.get('remote_root') and manifest.is_file():
+        try:  # a data_prep build: every sample has its max_seq_len tokens
+            multidomain.sample_length = int(json.loads(manifest.read_text())['settings']['max_seq_len'])
+        except (ValueError, KeyError, TypeError):
+            pass
     collator_dataset_cfg = dict(settings.collator_kwargs)
     token_collator, _ = construct_from_registry(
         name='text_collator',

@@ -466,6 +466,42 @@ class MultiDomainStreamingDataset(IterableDataset):
             tokens = np.frombuffer(tokens, dtype=getattr(np, self.token_encoding_type))
         return torch.from_numpy(tokens[:self.max_seq_len].astype(np.int64))
 
+    # set by the loader builder, None = not checked: the vocabulary bound of the token ids (len(tokenizer)),
+    # and the length of every sample (a data_prep build's max_seq_len)
+    vocab_size: int | None = None
+    sample_length: int | None = None
+
+    def _shard_file(self, sample_id: int) -> str:
+        try:
+            shard_id, _ = self._streams_dataset.spanner[sample_id]
+            stream = self._streams_dataset.streams[self._streams_dataset.stream_per_shard[shard_id]]
+            shard = self._streams_dataset.shards[shard_id]
+            return os.path.join(stream.local, stream.split or '', shard.raw_data.basename)
+        except Exception:  # the description only; never the reason of a failure
+            return '?'
+
+    def _checked_sample(self, domain: int, sample_id: int) -> torch.Tensor:
+        """One sample's tokens; a shard that cannot give it, a wrong length or an id beyond the vocabulary
+        raises naming the domain and the shard file (issue 28)."""
+        name = self.domain_names[domain]
+        try:
+            tokens = self._decode_tokens(self._streams_dataset.get_item(sample_id))
+        except (IndexError, ValueError, KeyError, OSError, RuntimeError) as err:
+            raise RuntimeError(f'domain {name!r}: sample {sample_id - int(self.domain_offsets[domain])} cannot be '
+                               f'read from {self._shard_file(sample_id)} ({err}); the shard is missing, short or '
+                               'damaged: rebuild the data root with data_prep') from err
+        if self.sample_length is not None and tokens.numel() != min(self.sample_length, self.max_seq_len):
+            raise RuntimeError(f'domain {name!r}: a sample of {tokens.numel()} tokens in '
+                               f'{self._shard_file(sample_id)}, but the data root was built with max_seq_len '
+                               f'{self.sample_length} (manifest.json); the shards '
+                               'were built with another sequence length: rebuild them or set max_seq_len')
+        if self.vocab_size is not None and tokens.numel() and (int(tokens.max()) >= self.vocab_size
+                                                              or int(tokens.min()) < 0):
+            raise RuntimeError(f'domain {name!r}: token id {int(tokens.max())} in {self._shard_file(sample_id)} is '
+                               f'beyond the tokenizer\'s {self.vocab_size} ids; the shards were tokenised with '
+                               'another tokenizer: rebuild them with this one')
+        return tokens
+
     def _positions(self, domain: int, ordinals: np.ndarray) -> np.ndarray:
         if self.shuffle_algo == 'shard_block':
             return self._block_orders[domain].positions(ordinals)
@@ -539,6 +575,5 @@ class MultiDomainStreamingDataset(IterableDataset):
                     log.info('domain %r used all %d samples; rank %d starts reshuffled pass %d',
                              self.domain_names[domain], size, self.rank, int(ordinal // size) + 1)
             for domain, sample_id in zip(my_domains.tolist(), sample_ids.tolist()):
-                yield {'input_ids': self._decode_tokens(self._streams_dataset.get_item(sample_id)),
-                       'domain_idx': domain}
+                yield {'input_ids': self._checked_sample(domain, sample_id), 'domain_idx': domain}
             local_batch += num_workers

@@ -360,7 +360,7 @@ def run_demo(args) -> int:
     source = Path(args.source).resolve()
     if not (source / 'config.json').is_file():
         raise SystemExit(f'--source {source}: no HF model there; run `make setup` or `python -m '
-                         'drp_foundry.sources.smollm2 --out models/smollm2-135m` (it converts SmolLM2-135M), or '
+                         'drp_foundry.commands.smollm2 --out models/smollm2-135m` (it converts SmolLM2-135M), or '
                          'pass --source DIR')
     if args.check:
         for line in check_resources(Path(args.corpus).resolve(), source, work, args.max_seq_len):
@@ -378,7 +378,9 @@ def run_demo(args) -> int:
     run_logged([sys.executable, '-m', 'drp_foundry.commands.data_prep', '--corpus', str(args.corpus), '--out',
                 str(data_root), '--tokenizer', str(source), '--max-seq-len', str(args.max_seq_len),
                 '--min-eval-samples', '8', '--max-eval-samples', '16', '--overwrite'], logs / 'data_prep.log')
-    domains = list(json.loads((data_root / 'manifest.json').read_text())['domains'])
+    from drp_foundry.data.manifest import read_manifest
+
+    domains = list(read_manifest(data_root)['domains'])
     print(f'  {len(domains)} domains: {", ".join(domains)} ({time.time() - t:.0f}s)')
 
     t = _stage('2/6 per-domain loss of the source model')

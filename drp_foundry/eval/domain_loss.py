@@ -9,9 +9,10 @@ inputs, run before any model is loaded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
+
+from drp_foundry.data.manifest import ManifestError, read_manifest
 
 
 def domains_in(data_root: str | Path, split: str = 'eval') -> list[str]:
@@ -48,10 +49,29 @@ def check_inputs(model_dir: str | Path, data_root: str | Path, domains: Sequence
     missing = [d for d in chosen if d not in available]
     if missing:
         raise DomainLossError(f'--domains {missing}: no {split} split under {data_root} (present: {available})')
-    manifest_path = data_root / 'manifest.json'
-    if manifest_path.is_file():
-        built = (json.loads(manifest_path.read_text()).get('settings') or {}).get('max_seq_len')
+    try:
+        manifest = read_manifest(data_root)
+    except ManifestError as err:
+        raise DomainLossError(f'DATA_ROOT: {err}') from None
+    if manifest is not None:
+        built = manifest['settings'].get('max_seq_len')
         if built is not None and int(built) != int(max_seq_len):
             raise DomainLossError(f'--max-seq-len {max_seq_len}, but {data_root} was built with max_seq_len {built} '
                                   f'(manifest.json); pass --max-seq-len {built}')
+        _check_identity(model_dir, data_root)
     return chosen
+
+
+def _check_identity(model_dir: Path, data_root: Path) -> None:
+    """The data root was tokenised with the model's tokenizer (when the model folder has one) and fits its vocabulary."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from drp_foundry.identity_checks import IdentityError, check_data_root_fits
+
+    tokenizer = None
+    if any((model_dir / name).is_file() for name in ('tokenizer.json', 'tokenizer_config.json', 'vocab.json')):
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        check_data_root_fits(data_root, tokenizer, AutoConfig.from_pretrained(str(model_dir)), 'DATA_ROOT', 'MODEL_DIR')
+    except IdentityError as err:
+        raise DomainLossError(str(err)) from None

@@ -9,7 +9,7 @@ is screened up to it.
 Code domains repeat for real (``#include``, ``using``): compare a model's rate with the source
 model's rate on the same prefixes, not with zero.
 
-Pure torch + the screen; the MDS reading is ``oneshot.mds_token_rows``. Command:
+Pure torch + the screen; the MDS reading is ``data/token_rows.py``. Command:
 ``python -m drp_foundry.commands.loop_rate MODEL_DIR DATA_ROOT``.
 """
 
@@ -47,7 +47,7 @@ class LoopRate:
 def heldout_prefixes(data_root: str | Path, prefix_tokens: int = 16, per_domain: int = 16,
                      split: str = 'eval') -> dict[str, torch.Tensor]:
     """``{domain: (n, prefix_tokens) int64}``: the first tokens of up to ``per_domain`` eval sequences."""
-    from drp_foundry.oneshot import mds_token_rows
+    from drp_foundry.data.token_rows import mds_token_rows
 
     if prefix_tokens < 1 or per_domain < 1:
         raise ValueError(f'prefix_tokens and per_domain must be >= 1, got {prefix_tokens}, {per_domain}')

@@ -66,7 +66,11 @@ def _as_ratio(values: Sequence[float] | Mapping[str, float], domain_names: Seque
 
 
 def _as_losses(values: Sequence[float] | Mapping[str, float], domain_names: Sequence[str], key: str) -> np.ndarray:
-    return per_domain(values, domain_names, f'`{key}`', what='losses')
+    losses = per_domain(values, domain_names, f'`{key}`', what='losses')
+    bad = {name: float(value) for name, value in zip(domain_names, losses) if not (np.isfinite(value) and value >= 0)}
+    if bad:  # a cross-entropy is finite and >= 0; a negative l_R pins its domain at the cap under dro
+        raise ValueError(f'`{key}` must be finite cross-entropies >= 0 (nats per token); got {bad}')
+    return losses
 
 
 def _check_fraction(value: float, key: str) -> float:
@@ -321,7 +325,7 @@ class DRPruningPolicy(DROPolicy):
 
     name = 'drpruning'
 
-    def __init__(self, domain_names, reference_ratio, reference_losses: Sequence[float] | None = None,
+    def __init__(self, domain_names, reference_ratio, reference_losses: Sequence[float] | Mapping[str, float] | None = None,
                  fit_start_fraction: float = 0.2, ratio_start_fraction: float = 0.4,
                  history_start_fraction: float = 0.02, ratio_delta: float = 0.1, max_ratio_factor: float = 2.0,
                  target_params: float | None = None, max_history_points: int = 64, min_fit_points: int = MIN_POINTS,
