@@ -19,12 +19,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from drp_foundry.pruning.layouts import BUILTIN_LAYOUTS, get_layout
+from drp_foundry.pruning.layouts import get_layout
 
-__all__ = ['SUPPORTED_MODEL_TYPES', 'DecoderArchitecture', 'TargetArchitecture', 'validate_target']
-
-# the built-in families (more can be registered: pruning/layouts.py)
-SUPPORTED_MODEL_TYPES = tuple(BUILTIN_LAYOUTS)
+__all__ = ['DecoderArchitecture', 'TargetArchitecture', 'validate_target']
 
 
 @dataclass(frozen=True)
