@@ -658,6 +658,12 @@ def _finished_run(c: Ctx, folder: Path) -> dict:
     return cfg
 
 
+def _damaged_run(c: Ctx, folder: Path) -> dict:
+    cfg, run_dir = _run_copy(c, folder, latest=6)
+    _damage('latest-rank0.pt', 'truncate')(cfg, run_dir)
+    return cfg
+
+
 def _in_process(fn: Callable[[], None], error: type, no_model: list[str]) -> str:
     """Call ``fn``; it must raise ``error`` without ``no_model`` (dotted names of model builders) being called."""
     from contextlib import ExitStack
@@ -874,6 +880,8 @@ ISSUE28_CASES = [
      ['max_duration: 12ba', 'saved at batch 12', 'nothing is left to train']),
     ('lost', 'unreadable-checkpoint', resume_case(_damage('latest-rank0.pt', 'truncate')),
      ['cannot read checkpoint', 'ep0-ba6-rank0.pt', 'earlier checkpoints', 'ep0-ba4-rank0.pt']),
+    ('lost', 'train-py-unreadable-checkpoint', train_py(_damaged_run),  # metrics, plots, lock file: all unchanged
+     ['save_folder (autoresume)', 'cannot read checkpoint', 'ep0-ba6-rank0.pt', 'ep0-ba4-rank0.pt']),
     # integrity from data to export (Build 2)
     ('integrity', 'truncated-shard', preflight(_with_data(_cut_shard('wiki', 0.5))),
      ["domain 'wiki' (train)", 'wiki/train/shard.00000.mds', 'truncated']),
