@@ -650,6 +650,12 @@ def _finished_run(c: Ctx, folder: Path) -> dict:
     return cfg
 
 
+def _damaged_run(c: Ctx, folder: Path) -> dict:
+    cfg, run_dir = _run_copy(c, folder, latest=6)
+    _damage('latest-rank0.pt', 'truncate')(cfg, run_dir)
+    return cfg
+
+
 def _in_process(fn: Callable[[], None], error: type, no_model: list[str]) -> str:
     """Call ``fn``; it must raise ``error`` without ``no_model`` (dotted names of model builders) being called."""
     from contextlib import ExitStack
@@ -866,6 +872,8 @@ ISSUE28_CASES = [
      ['max_duration: 12ba', 'saved at batch 12', 'nothing is left to train']),
     ('lost', 'unreadable-checkpoint', resume_case(_damage('latest-rank0.pt', 'truncate')),
      ['cannot read checkpoint', 'ep0-ba6-rank0.pt', 'earlier checkpoints', 'ep0-ba4-rank0.pt']),
+    ('lost', 'train-py-unreadable-checkpoint', train_py(_damaged_run),  # metrics, plots, lock file: all unchanged
+     ['save_folder (autoresume)', 'cannot read checkpoint', 'ep0-ba6-rank0.pt', 'ep0-ba4-rank0.pt']),
     # integrity from data to export (Build 2)
     ('integrity', 'truncated-shard', preflight(_with_data(_cut_shard('wiki', 0.5))),
      ["domain 'wiki' (train)", 'wiki/train/shard.00000.mds', 'truncated']),
@@ -922,6 +930,10 @@ ISSUE28_CASES = [
      ['eval_interval: 12ba', 'only after the last batch']),
     ('scheduler', 'eval-interval-in-epochs', preflight(_set('eval_interval', '1ep')),
      ['eval_interval: 1ep is not in batches']),
+    ('scheduler', 'eval-interval-integer', preflight(_set('eval_interval', 2)),
+     ['eval_interval: 2', 'Composer reads an integer as epochs', 'in batches']),
+    ('scheduler', 'eval-interval-not-set', preflight(_set('eval_interval', _DELETE)),
+     ['eval_interval: not set (LLM-Foundry default 1)', 'epochs']),
     ('scheduler', 'loss-metric-typo', preflight(_set('callbacks.drp_dynamic_loading.loss_metric',
                                                      'LanguageCrossEntropyy')),
      ['callbacks.drp_dynamic_loading.loss_metric', "'LanguageCrossEntropyy'", "did you mean 'LanguageCrossEntropy'",

@@ -158,7 +158,12 @@ def check_scheduler_can_act(cfg: DictConfig) -> None:
         raise _error(f'callbacks.drp_dynamic_loading.domain_names {list(names)} differ from '
                      f'train_loader.dataset.domains {domains}; list the same domains in the same order (or omit it)')
     run, _ = _batches(cfg.get('max_duration'), 'max_duration')
-    interval = cfg.get('eval_interval', 1)
+    interval = cfg.get('eval_interval', 1)  # LLM-Foundry's default
+    if isinstance(interval, int) and not isinstance(interval, bool):  # Composer: an integer counts epochs, 0 = none
+        given = 'eval_interval' in cfg
+        raise _error(f'eval_interval: {interval if given else "not set (LLM-Foundry default 1)"}: '
+                     f'{"0 disables evaluation" if interval == 0 else "Composer reads an integer as epochs"}, and '
+                     'drp_dynamic_loading updates the mixture only at an eval; give it in batches, e.g. 100ba')
     every, unit = _batches(interval, 'eval_interval')
     if unit == 'ep' or unit == 'dur':
         raise _error(f'eval_interval: {interval} is not in batches, and the drp_multidomain stream has no epochs '
