@@ -13,6 +13,7 @@ from tagged_batches import read_tagged_batches
 
 from drp_foundry.data.domain_sampling import ShardBlockOrder
 from drp_foundry.data.local_s3 import LocalS3
+from drp_foundry.data.node_shares import NodeShardOrder
 from drp_foundry.data.multidomain_dataset import MultiDomainStreamingDataset
 
 DOMAIN_SIZES = {'arxiv': 260, 'book': 200, 'wiki': 140}
@@ -63,12 +64,12 @@ def shard_fetches(stats: dict, prefix: str) -> dict[str, int]:
             if path.startswith(prefix) and re.search(r'shard\.\d+\.mds$', path)}
 
 
-def uses_per_shard(order: ShardBlockOrder, frontier: int) -> np.ndarray:
+def uses_per_shard(order: NodeShardOrder, frontier: int) -> np.ndarray:
     """Per shard: in how many passes its block is at or before the block after ``frontier`` (read or prefetched)."""
     last_pass, last_block = order.next_block(*order.block_of(frontier))
     uses = np.zeros(order.shard_sizes.size, dtype=np.int64)
     for pass_index in range(last_pass + 1):
-        blocks = range(order.num_blocks if pass_index < last_pass else last_block + 1)
+        blocks = range(order.blocks_in_pass(pass_index) if pass_index < last_pass else last_block + 1)
         for block in blocks:
             uses[order.block_shards_of(pass_index, block)] += 1
     return uses

@@ -102,6 +102,7 @@ def build_multidomain_dataloader(tokenizer: PreTrainedTokenizerBase | None,
         shuffle_algo=settings.shuffle_algo,
         shuffle_block_shards=settings.shuffle_block_shards,
         prefetch=settings.prefetch,
+        num_canonical_nodes=settings.num_canonical_nodes,
     )
 
     collator_dataset_cfg = dict(settings.collator_kwargs)
