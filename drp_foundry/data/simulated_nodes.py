@@ -1,0 +1,54 @@
+"""Simulated nodes on one machine, for tests and benches: the environment of node m of N.
+
+A real multi-node job gives each node its own machine: its own local cache, ``/tmp`` and
+``/dev/shm``. Simulated here by one process per node with
+
+- the variables Composer's launcher sets and mosaicml-streaming reads (``WORLD_SIZE``,
+  ``RANK``, ``LOCAL_WORLD_SIZE``, ``LOCAL_RANK``, ``NODE_RANK``, ``MASTER_ADDR``/``MASTER_PORT``:
+  with ``WORLD_SIZE > 1`` streaming joins a gloo group itself while it builds a dataset, so the
+  nodes of one job must start together);
+- its own temporary directory, and in it a reservation of streaming's shared-memory prefixes:
+  ``/dev/shm`` is shared on one machine, and every node is its own local leader, so two nodes
+  would pick the same free prefix and collide. streaming skips a prefix whose file lock exists
+  in the temporary directory; node m gets placeholder locks for every prefix not congruent to
+  m modulo N, so the nodes pick disjoint prefixes, as if on separate machines;
+- optionally a client id that ``local_s3.LocalS3`` counts apart (``AWS_SDK_UA_APP_ID``).
+
+``enter_node`` is called first thing in the node's process (before any streaming dataset).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ['enter_node', 'node_environment']
+
+_RESERVED_PREFIXES = 2048
+
+
+def node_environment(node: int, num_nodes: int, master_port: int, ranks_per_node: int = 1,
+                     local_rank: int = 0) -> dict[str, str]:
+    """The launcher's variables for local rank ``local_rank`` of node ``node`` of ``num_nodes``."""
+    return {'WORLD_SIZE': str(num_nodes * ranks_per_node), 'RANK': str(node * ranks_per_node + local_rank),
+            'LOCAL_WORLD_SIZE': str(ranks_per_node), 'LOCAL_RANK': str(local_rank), 'NODE_RANK': str(node),
+            'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(int(master_port))}
+
+
+def enter_node(node: int, num_nodes: int, master_port: int, tmp_root: str | os.PathLike,
+               client_id: str | None = None) -> Path:
+    """Make this process node ``node`` of ``num_nodes`` (one rank); returns its temporary directory."""
+    node_tmp = Path(tmp_root) / f'node{node}-tmp'
+    node_tmp.mkdir(parents=True, exist_ok=True)
+    for prefix in range(_RESERVED_PREFIXES):
+        if prefix % num_nodes != node:
+            for lock in ('barrier_filelock', 'cache_filelock'):
+                (node_tmp / f'{prefix:06}_{lock}').touch()
+    os.environ.update(node_environment(node, num_nodes, master_port), TMPDIR=str(node_tmp))
+    tempfile.tempdir = str(node_tmp)  # gettempdir() caches its first answer
+    if client_id is not None:
+        from drp_foundry.data.local_s3 import LocalS3
+
+        os.environ.update(LocalS3.client_environment(client_id))
+    return node_tmp
