@@ -226,3 +226,52 @@ def test_same_seed_same_order_mixture_job_wide_and_exact_resume_on_the_same_and_
     with pytest.raises(ValueError, match=f'num_canonical_nodes={num_nodes} node shares but '
                                          f'train_loader.dataset.num_canonical_nodes is {other}'):
         refused.load_state_dict(states[0])
+
+
+def local_dataset(local_root: Path, rank: int, world_size: int, local_world_size: int, batch_size: int, **kwargs):
+    streams = [Stream(local=str(local_root / name), split='train') for name in NAMES]
+    return MultiDomainStreamingDataset(NAMES, streams, [0.6, 0.3, 0.1], max_seq_len=SEQ, device_batch_size=batch_size,
+                                       shuffle_algo='shard_block', shuffle_block_shards=2, rank=rank,
+                                       world_size=world_size, local_world_size=local_world_size, **kwargs)
+
+
+def test_ranks_and_workers_of_a_node_split_its_share_and_the_order_depends_on_the_global_batch_only(local_root):
+    """2 nodes x 2 ranks (batch 2) read the global batches of 2 nodes x 1 rank (batch 4); a node's ranks
+    read only its share's shards."""
+    num_batches = 12
+    per_rank = [read_tagged_batches(local_dataset(local_root, r, 4, 2, 2, num_workers=w), num_batches, w)
+                for r, w in [(0, 0), (1, 2), (2, 0), (3, 0)]]
+    per_node = [read_tagged_batches(local_dataset(local_root, m, 2, 1, 4), num_batches) for m in range(2)]
+    # node m's chunk of a global batch: its local rank l reads every 2nd position from l
+    for node in range(2):
+        chunk = np.empty((num_batches, 4, 2), dtype=np.int64)
+        chunk[:, 0::2], chunk[:, 1::2] = per_rank[2 * node], per_rank[2 * node + 1]
+        np.testing.assert_array_equal(chunk, per_node[node])
+    # the shards each node's ranks read in the first pass of each domain: disjoint between nodes
+    for d, (name, n) in enumerate(DOMAIN_SIZES.items()):
+        shards = []
+        for node in range(2):
+            tags = np.concatenate([per_rank[2 * node + l][..., 1].ravel()[per_rank[2 * node + l][..., 0].ravel() == d]
+                                   for l in range(2)])
+            shards.append(set(((tags % TAG) // SAMPLES_PER_SHARD).tolist()))
+        assert shards[0] and shards[1] and not shards[0] & shards[1], name
+
+
+def test_a_version_1_state_resumes_as_one_share(local_root):
+    """Checkpoints from before node shares hold no share keys: they resume with the one-share order."""
+    first = local_dataset(local_root, 0, 1, 1, 8)
+    head = read_tagged_batches(first, 5)
+    state = first.state_dict(5 * 8, from_beginning=True)
+    old = {key: value for key, value in state.items() if key not in ('num_canonical_nodes', 'share_counts')}
+    old['version'] = 1
+    uninterrupted = read_tagged_batches(local_dataset(local_root, 0, 1, 1, 8), 10)
+    resumed = local_dataset(local_root, 0, 1, 1, 8)
+    resumed.load_state_dict(old)
+    tail = read_tagged_batches(resumed, 5, first_batch=5)
+    np.testing.assert_array_equal(np.concatenate([head, tail]), uninterrupted)
+    # on 2 nodes (global batch 8) it keeps one share rather than the 2 a fresh start would use
+    on_two = local_dataset(local_root, 1, 2, 1, 4)
+    assert on_two.num_canonical_nodes == 2
+    on_two.load_state_dict(old)
+    assert on_two.num_canonical_nodes == 1
+    np.testing.assert_array_equal(read_tagged_batches(on_two, 5, first_batch=5), uninterrupted[5:, 4:])

@@ -160,3 +160,15 @@ def test_share_counts_sum_to_the_domain_counts_and_ordinals_count_within_a_share
         earlier = np.sum((domains[:j] == domains[j]) & (share[:j] == share[j]))
         assert ordinals[j] == half[share[j], domains[j]] + earlier
     np.testing.assert_array_equal(after, count_share_domains(11, starts, proportions, 0, np.zeros((2, 3)), 56, 8))
+
+
+def test_config_key_num_canonical_nodes_is_checked_with_the_section():
+    from drp_foundry.data.multidomain_config import validate_multidomain_config
+
+    section = {'data_root': '/data', 'remote_root': 's3://bucket/mds', 'domains': ['a', 'b'], 'proportions': [0.5, 0.5],
+               'max_seq_len': 16}
+    assert validate_multidomain_config(section, check_folders=False).num_canonical_nodes is None
+    assert validate_multidomain_config({**section, 'num_canonical_nodes': 4},
+                                       check_folders=False).num_canonical_nodes == 4
+    with pytest.raises(ValueError, match=r'train_loader.dataset.num_canonical_nodes: must be >= 1'):
+        validate_multidomain_config({**section, 'num_canonical_nodes': 0}, check_folders=False)

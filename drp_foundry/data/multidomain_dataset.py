@@ -403,9 +403,9 @@ class MultiDomainStreamingDataset(IterableDataset):
                             'by two nodes. Run on a number of nodes that divides num_canonical_nodes (or a '
                             'multiple of it).', self.num_nodes, self.num_canonical_nodes)
             elif self.num_nodes > self.num_canonical_nodes:
-                log.warning('%d nodes read num_canonical_nodes=%d node shares: %d nodes share each share and each '
-                            'downloads its shards.', self.num_nodes, self.num_canonical_nodes,
-                            self.num_nodes // self.num_canonical_nodes)
+                log.warning('%d nodes but num_canonical_nodes=%d node shares: %d nodes read parts of each share and '
+                            'each of them downloads that share\'s shards (the order is unchanged).', self.num_nodes,
+                            self.num_canonical_nodes, self.num_nodes // self.num_canonical_nodes)
         shape = (self.num_canonical_nodes, len(self.domain_names))
         self._origin_counts = np.zeros(shape, dtype=np.int64)
         self._accounted_index = self._origin_index
