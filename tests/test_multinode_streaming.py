@@ -185,8 +185,6 @@ def test_same_seed_same_order_mixture_job_wide_and_exact_resume_on_the_same_and_
     total, k = 10, 6
     common = dict(proportions=proportions, kwargs={'update_lag_batches': lag})
     full = run_job(tmp_path, 'full', num_nodes, num_batches=total, changes=changes, **common)
-    again = run_job(tmp_path, 'again', num_nodes, num_batches=total, changes=changes, **common)
-    np.testing.assert_array_equal(again['global'], full['global'])  # same seed, same order
     # the mixture is drawn job-wide exactly as on one node: the domains are the pure schedule
     global_batch = BATCH * num_nodes
     effective = 3 + lag
@@ -204,6 +202,7 @@ def test_same_seed_same_order_mixture_job_wide_and_exact_resume_on_the_same_and_
 
     # killed after batch k + 2, its last state at batch k; resumed on the same nodes (same caches), 2 workers
     head = run_job(tmp_path, 'head', num_nodes, num_batches=k + 2, changes=changes, state_at=k, kill=True, **common)
+    np.testing.assert_array_equal(head['global'], full['global'][:k + 2])  # another run, same seed: same order
     states = head['states']
     assert len(states) == num_nodes and all(s == states[0] for s in states)  # every rank holds the same state
     assert states[0]['num_canonical_nodes'] == num_nodes
