@@ -47,13 +47,13 @@ import json
 import multiprocessing
 import os
 import re
-import socket
-import traceback
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np

@@ -9,10 +9,10 @@ GETs and bytes apart (boto3's ``AWS_SDK_UA_APP_ID``, ``LocalS3.client_environmen
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import multiprocessing
 import os
-import faulthandler
 import re
 import signal
 import socket
@@ -250,8 +250,8 @@ def test_ranks_and_workers_of_a_node_split_its_share_and_the_order_depends_on_th
     for d, (name, n) in enumerate(DOMAIN_SIZES.items()):
         shards = []
         for node in range(2):
-            tags = np.concatenate([per_rank[2 * node + l][..., 1].ravel()[per_rank[2 * node + l][..., 0].ravel() == d]
-                                   for l in range(2)])
+            reads = np.concatenate([per_rank[2 * node + local].reshape(-1, 2) for local in range(2)])
+            tags = reads[reads[:, 0] == d, 1]
             shards.append(set(((tags % TAG) // SAMPLES_PER_SHARD).tolist()))
         assert shards[0] and shards[1] and not shards[0] & shards[1], name
 

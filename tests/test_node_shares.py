@@ -121,7 +121,9 @@ def test_fewer_samples_than_shares_leaves_empty_passes_that_are_skipped():
 
 
 def test_the_order_is_a_pure_function_of_its_arguments():
-    make = lambda seed: NodeShardOrder(seed=seed, domain_index=1, shard_sizes=SIZES, block_shards=2, num_shares=2)
+    def make(seed):
+        return NodeShardOrder(seed=seed, domain_index=1, shard_sizes=SIZES, block_shards=2, num_shares=2)
+
     a, b = make(7), make(7)
     ordinals = np.arange(500)
     b.positions(ordinals[::-1], 1)  # a different history of queries fills the caches differently

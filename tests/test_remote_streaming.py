@@ -13,8 +13,8 @@ from tagged_batches import read_tagged_batches
 
 from drp_foundry.data.domain_sampling import ShardBlockOrder
 from drp_foundry.data.local_s3 import LocalS3
-from drp_foundry.data.node_shares import NodeShardOrder
 from drp_foundry.data.multidomain_dataset import MultiDomainStreamingDataset
+from drp_foundry.data.node_shares import NodeShardOrder
 
 DOMAIN_SIZES = {'arxiv': 260, 'book': 200, 'wiki': 140}
 NAMES = list(DOMAIN_SIZES)
