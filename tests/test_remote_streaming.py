@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from local_s3 import LocalS3
 from streaming import MDSWriter, Stream
 from tagged_batches import read_tagged_batches
 
 from drp_foundry.data.domain_sampling import ShardBlockOrder
-from drp_foundry.data.local_s3 import LocalS3
 from drp_foundry.data.multidomain_dataset import MultiDomainStreamingDataset
+from drp_foundry.data.node_shares import NodeShardOrder
 
 DOMAIN_SIZES = {'arxiv': 260, 'book': 200, 'wiki': 140}
 NAMES = list(DOMAIN_SIZES)
@@ -63,12 +64,12 @@ def shard_fetches(stats: dict, prefix: str) -> dict[str, int]:
             if path.startswith(prefix) and re.search(r'shard\.\d+\.mds$', path)}
 
 
-def uses_per_shard(order: ShardBlockOrder, frontier: int) -> np.ndarray:
+def uses_per_shard(order: NodeShardOrder, frontier: int) -> np.ndarray:
     """Per shard: in how many passes its block is at or before the block after ``frontier`` (read or prefetched)."""
     last_pass, last_block = order.next_block(*order.block_of(frontier))
     uses = np.zeros(order.shard_sizes.size, dtype=np.int64)
     for pass_index in range(last_pass + 1):
-        blocks = range(order.num_blocks if pass_index < last_pass else last_block + 1)
+        blocks = range(order.blocks_in_pass(pass_index) if pass_index < last_pass else last_block + 1)
         for block in blocks:
             uses[order.block_shards_of(pass_index, block)] += 1
     return uses
@@ -168,9 +169,18 @@ def test_yaml_builder_streams_remote_root_with_cache_limit_and_refuses_a_bad_shu
         s3, local_root, tmp_path, tiny_tokenizer):
     from drp_foundry.composer.multidomain_dataloader import build_multidomain_dataloader
 
-    shard_size = max(p.stat().st_size for p in local_root.rglob('shard.*.mds'))
-    index_bytes = sum(p.stat().st_size for p in local_root.rglob('index.json'))
-    dataset_cfg = {'data_root': str(tmp_path / 'cache'), 'remote_root': f's3://{BUCKET}/mds', 'domains': NAMES,
+    # the builder checks token ids against the tokenizer (512 ids): this data keeps its tags below that
+    vocab_tag = 100
+    root = tmp_path / 'mds-in-vocab'
+    for d, (name, n) in enumerate(DOMAIN_SIZES.items()):
+        with MDSWriter(out=str(root / name / 'train'), columns={'tokens': 'ndarray:int32'},
+                       size_limit=SHARD_BYTES) as writer:
+            for i in range(n):
+                writer.write({'tokens': np.full(SEQ, d * vocab_tag + i % vocab_tag, dtype=np.int32)})
+    s3.upload_folder(root, BUCKET, 'mds-in-vocab')
+    shard_size = max(p.stat().st_size for p in root.rglob('shard.*.mds'))
+    index_bytes = sum(p.stat().st_size for p in root.rglob('index.json'))
+    dataset_cfg = {'data_root': str(tmp_path / 'cache'), 'remote_root': f's3://{BUCKET}/mds-in-vocab', 'domains': NAMES,
                    'proportions': [0.4, 0.4, 0.2], 'max_seq_len': SEQ, 'shuffle_block_shards': 2,
                    'cache_limit': index_bytes + 24 * shard_size}
     spec = build_multidomain_dataloader(tiny_tokenizer, 4, dataset_cfg, num_workers=0)
@@ -179,7 +189,7 @@ def test_yaml_builder_streams_remote_root_with_cache_limit_and_refuses_a_bad_shu
     iterator = iter(spec.dataloader)
     for _ in range(3):
         batch = next(iterator)
-        np.testing.assert_array_equal(batch['input_ids'][:, 0] // TAG, batch['domain_idx'])
+        np.testing.assert_array_equal(batch['input_ids'][:, 0] // vocab_tag, batch['domain_idx'])
     del iterator
     with pytest.raises(ValueError, match='shuffle_algo'):
         build_multidomain_dataloader(tiny_tokenizer, 4, {**dataset_cfg, 'data_root': str(tmp_path / 'cache2'),

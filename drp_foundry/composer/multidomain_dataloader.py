@@ -104,6 +104,7 @@ def build_multidomain_dataloader(tokenizer: PreTrainedTokenizerBase | None,
         shuffle_algo=settings.shuffle_algo,
         shuffle_block_shards=settings.shuffle_block_shards,
         prefetch=settings.prefetch,
+        num_canonical_nodes=settings.num_canonical_nodes,
     )
 
     multidomain.vocab_size = len(tokenizer)  # token ids beyond it are refused, naming the domain and shard

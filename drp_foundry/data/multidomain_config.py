@@ -36,7 +36,7 @@ STREAM_KEYS = ('local', 'remote', 'split')
 DATASET_KEYS = ('domains', 'proportions', 'max_seq_len', 'data_root', 'split', 'remote_root', 'streams',
                 'shuffle_seed', 'update_lag_batches', 'token_encoding_type', 'eos_token_id',
                 'bos_token_id', 'max_mixture_segments', 'shuffle_algo', 'shuffle_block_shards',
-                'prefetch',
+                'prefetch', 'num_canonical_nodes',
                 'require_manifest',  # read by the pre-flight check only: false accepts shards not built by data_prep
                 ) + STREAMING_KEYS
 _BUILD_HINT = '`drp-prepare-data --corpus ... --out ...`'
@@ -57,6 +57,7 @@ class MultiDomainSettings:
     shuffle_algo: str = 'auto'
     shuffle_block_shards: int = 8
     prefetch: bool = True
+    num_canonical_nodes: int | None = None  # ours: node shares of shard_block; None = nodes (or the checkpoint's)
     require_manifest: bool = True
     streaming_kwargs: dict[str, Any] = field(default_factory=dict)
     collator_kwargs: dict[str, int] = field(default_factory=dict)  # eos_token_id / bos_token_id
@@ -220,6 +221,8 @@ def validate_multidomain_config(dataset: Mapping[str, Any], *, where: str = 'tra
         shuffle_block_shards=check_int(dataset.get('shuffle_block_shards', 8), f'{where}.shuffle_block_shards',
                                        minimum=1),
         prefetch=_check_bool(dataset.get('prefetch', True), f'{where}.prefetch'),
+        num_canonical_nodes=None if dataset.get('num_canonical_nodes') is None else
+        check_int(dataset['num_canonical_nodes'], f'{where}.num_canonical_nodes', minimum=1),
         require_manifest=_check_bool(dataset.get('require_manifest', True), f'{where}.require_manifest'),
         streaming_kwargs={key: dataset[key] for key in STREAMING_KEYS if key in dataset},
         collator_kwargs={key: check_int(dataset[key], f'{where}.{key}', minimum=0)

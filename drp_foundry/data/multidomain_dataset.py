@@ -3,8 +3,10 @@
 One ``streaming.StreamingDataset`` over all domains (one ``Stream`` per domain, local and
 optional remote) is used only for random access by global sample id; the order is ours:
 
-- Domain of global sample k (the n-th sample of rank r is ``k = n * W + r``): counter-based
-  draw from ``(shuffle_seed, k)`` and the mixture q in force at k (``domain_sampling``).
+- Domain of global sample k: counter-based draw from ``(shuffle_seed, k)`` and the mixture q
+  in force at k (``domain_sampling``). Node m of N reads the positions
+  ``[m * G / N, (m + 1) * G / N)`` of each global batch of G samples, its local rank l every
+  R-th of them from l (one node: the n-th sample of rank r is ``k = n * W + r``).
   It depends on nothing else: not on the number of workers, not on any RNG state.
 - The sample read is the domain's ordinal-th entry of a keyed shuffle of that domain
   (a new shuffle for every pass; a domain that runs out starts its next pass, logged).
@@ -18,6 +20,14 @@ optional remote) is used only for random access by global sample id; the order i
   under ``cache_limit``, least recently used first) and keeps the shards of the blocks in use
   marked recent, so eviction takes shards no reader needs any more. ``auto`` (the default)
   picks ``shard_block`` when a stream has a ``remote`` and ``full`` for local data.
+- Node shares (ours, ``shard_block`` only; ``node_shares``): the order is cut into
+  ``num_canonical_nodes`` = P shares (default: the number of nodes), share g holding positions
+  ``[g * G / P, (g + 1) * G / P)`` of every global batch; ordinals count draws per share and
+  domain, and each share reads its own group of each domain's shards in every pass (groups
+  disjoint, rotated between shares every pass). So a node downloads only its shares' shards
+  and the ranks and workers of a node read from that node's blocks. The domain draws are
+  those above, so the mixture q holds job-wide as without shares. The order depends on P and
+  the global batch, not on the number of nodes: a resume on another node count is exact.
 - ``set_proportions(q, at_batch)`` in the main process appends a segment
   ``(first k, q)`` to a table in shared memory that DataLoader workers (forked or spawned,
   persistent or not) read before producing each batch.
@@ -34,9 +44,11 @@ always do. A larger explicit lag is allowed; the same explicit lag gives the sam
 for every ``num_workers``. Requires the DataLoader's default ``in_order=True``.
 
 Resumption: ``state_dict(num_samples, from_beginning)`` (called by Composer with the
-global samples consumed) holds O(domains) numbers: the sample index, per-domain counts
-there, and the mixture segments from there on (including changes not yet in effect).
-``load_state_dict`` restarts exactly there, for any worker count.
+global samples consumed) holds O(domains x P) numbers: the sample index, per-share per-domain
+counts there, P, and the mixture segments from there on (including changes not yet in effect).
+``load_state_dict`` restarts exactly there, for any worker count and any number of nodes
+(P is taken from the checkpoint unless ``num_canonical_nodes`` is set: a different value is
+refused).
 """
 
 from __future__ import annotations
@@ -56,9 +68,6 @@ from streaming.base.dataset import _ShardState
 from torch.utils.data import IterableDataset, get_worker_info
 
 from drp_foundry.data.domain_sampling import (
-    ShardBlockOrder,
-    assign_ordinals,
-    count_domains,
     domain_positions,
     draw_domains,
     validate_proportions,
@@ -72,6 +81,15 @@ from drp_foundry.data.multidomain_config import (
     check_update_lag,
     indexed_samples,
 )
+from drp_foundry.data.node_shares import (
+    NodeShardOrder,
+    assign_share_ordinals,
+    check_share_layout,
+    count_share_domains,
+    node_shares,
+    rank_batch_positions,
+    share_of_positions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +100,15 @@ __all__ = ['MultiDomainStreamingDataset', 'TOKEN_ENCODING_TYPES', 'STATE_VERSION
 # frontier is in, and the next (prefetched). Sizes the cache_limit check.
 _WINDOW_BLOCKS = 3
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: node shares (num_canonical_nodes, share_counts); 1 is read as one share
 
 
-def _world_from_environment() -> tuple[int, int]:
+def _world_from_environment() -> tuple[int, int, int]:
+    """(rank, world size, ranks per node); ranks per node from LOCAL_WORLD_SIZE (1 if unset, as streaming)."""
+    local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_world_size
+    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)), local_world_size
 
 
 def _count_indexed_samples(stream: Stream, domain: str) -> int | None:
@@ -110,14 +130,15 @@ class _SharedMixtureTable:
     are bumped, so a reader never uses a row that is not complete for the batch it builds.
     """
 
-    def __init__(self, num_domains: int, capacity: int):
+    def __init__(self, num_domains: int, capacity: int, num_shares: int = 1):
         self.capacity = capacity
+        self.num_shares = num_shares
         self.starts = torch.zeros(capacity, dtype=torch.int64).share_memory_()
         self.proportions = torch.zeros(capacity, num_domains, dtype=torch.float64).share_memory_()
         # [count, version]
         self.header = torch.zeros(2, dtype=torch.int64).share_memory_()
-        # [resume sample index, per-domain counts at it...]
-        self.resume = torch.zeros(1 + num_domains, dtype=torch.int64).share_memory_()
+        # [resume sample index, per-share per-domain counts at it (P x D)...]
+        self.resume = torch.zeros(1 + num_shares * num_domains, dtype=torch.int64).share_memory_()
 
     def write_segments(self, starts: np.ndarray, proportions: np.ndarray) -> None:
         if len(starts) > self.capacity:
@@ -137,11 +158,11 @@ class _SharedMixtureTable:
 
     def write_resume(self, sample_index: int, counts: np.ndarray) -> None:
         self.resume[0] = sample_index
-        self.resume[1:] = torch.from_numpy(np.asarray(counts, dtype=np.int64))
+        self.resume[1:] = torch.from_numpy(np.asarray(counts, dtype=np.int64).reshape(-1))
 
     def read_resume(self) -> tuple[int, np.ndarray]:
         values = self.resume.numpy().copy()
-        return int(values[0]), values[1:]
+        return int(values[0]), values[1:].reshape(self.num_shares, -1)
 
 
 def release_inherited_clients(dataset: StreamingDataset) -> None:
@@ -225,6 +246,8 @@ class MultiDomainStreamingDataset(IterableDataset):
             An explicit value must be at least that bound.
         token_encoding_type: dtype of legacy ``tokens`` stored as bytes.
         rank, world_size: default from torch.distributed or the RANK / WORLD_SIZE env.
+        local_world_size: ranks per node (they share one local cache); default LOCAL_WORLD_SIZE
+            (1 if unset, as mosaicml-streaming). Nodes = world_size / local_world_size.
         max_mixture_segments: capacity of the shared table of pending mixture changes.
         streaming_kwargs: passed to ``StreamingDataset`` (``download_retry``, ``cache_limit``, ...).
         shuffle_algo: ``'full'`` (one keyed permutation of each domain per pass), ``'shard_block'``
@@ -234,6 +257,10 @@ class MultiDomainStreamingDataset(IterableDataset):
             are shuffled across that many shards at a time; the cache needs about
             ``3 * shuffle_block_shards`` shards per domain).
         prefetch: download the next block's shards in the background (``shard_block`` with a remote).
+        num_canonical_nodes: (ours) the node shares P of the ``shard_block`` order
+            (``node_shares``): each node reads only its shares' shards. The order depends on P,
+            not on the number of nodes. None: the checkpoint's P on resume, else the number of
+            nodes. Must divide the global batch.
     """
 
     def __init__(self,
@@ -253,7 +280,9 @@ class MultiDomainStreamingDataset(IterableDataset):
                  streaming_kwargs: Mapping[str, Any] | None = None,
                  shuffle_algo: str = 'auto',
                  shuffle_block_shards: int = 8,
-                 prefetch: bool = True):
+                 prefetch: bool = True,
+                 local_world_size: int | None = None,
+                 num_canonical_nodes: int | None = None):
         super().__init__()
         self.domain_names = check_domain_names(domain_names, 'domains')
         if len(streams) != len(self.domain_names):
@@ -268,12 +297,24 @@ class MultiDomainStreamingDataset(IterableDataset):
         lag = check_update_lag(update_lag_batches, 'update_lag_batches', self.num_workers, prefetch_factor)
         self.update_lag_batches = self.num_workers * self.prefetch_factor if lag == 'auto' else int(lag)
 
-        default_rank, default_world = _world_from_environment()
+        default_rank, default_world, default_local = _world_from_environment()
         self.rank = default_rank if rank is None else int(rank)
         self.world_size = default_world if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f'rank {self.rank} is outside world_size {self.world_size}.')
+        self.local_world_size = default_local if local_world_size is None else int(local_world_size)
+        if self.local_world_size < 1 or self.world_size % self.local_world_size:
+            raise ValueError(f'local_world_size {self.local_world_size} (LOCAL_WORLD_SIZE, ranks per node) does not '
+                             f'divide world_size {self.world_size}; every node must run the same number of ranks.')
+        self.num_nodes = self.world_size // self.local_world_size
+        self.node_rank = self.rank // self.local_world_size
         self.global_batch_size = self.device_batch_size * self.world_size
+        # positions of the global batch this rank reads (one node: rank, rank + W, ...)
+        self._rank_positions = rank_batch_positions(self.rank, self.world_size, self.local_world_size,
+                                                    self.device_batch_size)
+        if num_canonical_nodes is not None:
+            num_canonical_nodes = check_int(num_canonical_nodes, 'num_canonical_nodes', minimum=1)
+        self._configured_canonical_nodes = num_canonical_nodes
 
         indexed = [_count_indexed_samples(stream, name) for stream, name in zip(streams, self.domain_names)]
         empty = [name for name, n in zip(self.domain_names, indexed) if n == 0]
@@ -288,18 +329,15 @@ class MultiDomainStreamingDataset(IterableDataset):
         self.shard_offsets = self._streams_dataset.shard_offset_per_stream.astype(np.int64).copy()
         self.domain_shards = self._streams_dataset.shards_per_stream.astype(np.int64).copy()
         self.has_remote = any(getattr(stream, 'remote', None) for stream in streams)
+        self._max_mixture_segments = int(max_mixture_segments)
         self._setup_shuffle(shuffle_algo, shuffle_block_shards, bool(prefetch))
 
         # Main-process view of the mixture history (from the resume point on).
         self._segment_starts = np.zeros(1, dtype=np.int64)
         self._segment_proportions = initial[None, :].copy()
         self._origin_index = 0
-        self._origin_counts = np.zeros(len(self.domain_names), dtype=np.int64)
-        self._accounted_index = 0
-        self._accounted_counts = self._origin_counts.copy()
-        self._table = _SharedMixtureTable(len(self.domain_names), int(max_mixture_segments))
+        self._setup_shares(self.num_canonical_nodes)
         self._table.write_segments(self._segment_starts, self._segment_proportions)
-        self._table.write_resume(self._origin_index, self._origin_counts)
 
     def _setup_shuffle(self, shuffle_algo: str, block_shards: int, prefetch: bool) -> None:
         shuffle_algo = check_choice(shuffle_algo, 'shuffle_algo', SHUFFLE_ALGOS)
@@ -311,12 +349,13 @@ class MultiDomainStreamingDataset(IterableDataset):
         self.shuffle_algo = shuffle_algo
         self.shuffle_block_shards = int(block_shards)
         self.prefetch = prefetch and self.has_remote and shuffle_algo == 'shard_block'
-        self._block_orders: list[ShardBlockOrder] = []
-        if shuffle_algo == 'shard_block':
-            per_shard = self._streams_dataset.samples_per_shard
-            self._block_orders = [
-                ShardBlockOrder(self.shuffle_seed, d, per_shard[begin:begin + count], self.shuffle_block_shards)
-                for d, (begin, count) in enumerate(zip(self.shard_offsets, self.domain_shards))]
+        if shuffle_algo == 'full':
+            if self._configured_canonical_nodes not in (None, 1):
+                log.warning('num_canonical_nodes=%d has no effect with shuffle_algo=full (every node reads from '
+                            'every shard); it applies to shard_block.', self._configured_canonical_nodes)
+            self.num_canonical_nodes = 1
+        else:
+            self.num_canonical_nodes = self._configured_canonical_nodes or self.num_nodes
         cache_limit = self._streams_dataset.cache_limit
         if cache_limit and self.has_remote:
             shards = self._streams_dataset.shards
@@ -326,15 +365,53 @@ class MultiDomainStreamingDataset(IterableDataset):
                             'shuffle_algo: shard_block (or auto) for remote data.', cache_limit)
             else:
                 need = sum(stream.get_index_size() for stream in self._streams_dataset.streams)
+                shares_read = len(node_shares(self.node_rank, self.num_nodes, self.num_canonical_nodes))
                 for begin, count in zip(self.shard_offsets, self.domain_shards):
                     sizes = sorted((shards[i].get_max_size() for i in range(begin, begin + count)), reverse=True)
-                    need += sum(sizes[:_WINDOW_BLOCKS * self.shuffle_block_shards])
+                    need += sum(sizes[:_WINDOW_BLOCKS * self.shuffle_block_shards * shares_read])
                 if cache_limit < need:
                     log.warning('cache_limit=%d bytes is below the index files plus the shards the readers use at '
-                                'once (about %d bytes: %d blocks of shuffle_block_shards=%d shards per domain); some shards will be '
+                                'once (about %d bytes: %d blocks of shuffle_block_shards=%d shards per domain and '
+                                'node share read here); some shards will be '
                                 'downloaded more than once per pass. Raise cache_limit or lower '
                                 'shuffle_block_shards.', cache_limit, need, _WINDOW_BLOCKS,
                                 self.shuffle_block_shards)
+
+    def _setup_shares(self, num_canonical_nodes: int) -> None:
+        """Node shares P: the per-domain orders, this node's shares, the counts and the shared table."""
+        check_share_layout(self.global_batch_size, num_canonical_nodes, self.num_nodes)
+        self.num_canonical_nodes = int(num_canonical_nodes)
+        self._share_of_position = share_of_positions(self.global_batch_size, self.num_canonical_nodes)
+        self._node_shares = node_shares(self.node_rank, self.num_nodes, self.num_canonical_nodes)
+        self._block_orders: list[NodeShardOrder] = []
+        if self.shuffle_algo == 'shard_block':
+            per_shard = self._streams_dataset.samples_per_shard
+            self._block_orders = [
+                NodeShardOrder(self.shuffle_seed, d, per_shard[begin:begin + count], self.shuffle_block_shards,
+                               num_shares=self.num_canonical_nodes)
+                for d, (begin, count) in enumerate(zip(self.shard_offsets, self.domain_shards))]
+            few = [name for name, count in zip(self.domain_names, self.domain_shards) if count < self.num_canonical_nodes]
+            if few:
+                log.warning('domains %s have fewer shards than the %d node shares (num_canonical_nodes): each of their '
+                            'shards is split between up to ceil(P / shards) shares, so several nodes download it '
+                            '(they read disjoint samples of it).', few, self.num_canonical_nodes)
+            spread = self.num_nodes % self.num_canonical_nodes if self.num_nodes > self.num_canonical_nodes \
+                else self.num_canonical_nodes % self.num_nodes
+            if spread:
+                log.warning('%d nodes do not divide num_canonical_nodes=%d evenly (nor the reverse): the order is '
+                            'unchanged, but nodes read parts of neighbouring shares, so some shards are downloaded '
+                            'by two nodes. Run on a number of nodes that divides num_canonical_nodes (or a '
+                            'multiple of it).', self.num_nodes, self.num_canonical_nodes)
+            elif self.num_nodes > self.num_canonical_nodes:
+                log.warning('%d nodes but num_canonical_nodes=%d node shares: %d nodes read parts of each share and '
+                            'each of them downloads that share\'s shards (the order is unchanged).', self.num_nodes,
+                            self.num_canonical_nodes, self.num_nodes // self.num_canonical_nodes)
+        shape = (self.num_canonical_nodes, len(self.domain_names))
+        self._origin_counts = np.zeros(shape, dtype=np.int64)
+        self._accounted_index = self._origin_index
+        self._accounted_counts = self._origin_counts.copy()
+        self._table = _SharedMixtureTable(len(self.domain_names), self._max_mixture_segments, self.num_canonical_nodes)
+        self._table.write_resume(self._origin_index, self._origin_counts)
 
     # ------------------------------------------------------------------ scheduler contract
     @property
@@ -379,6 +456,7 @@ class MultiDomainStreamingDataset(IterableDataset):
         """O(domains) state at ``num_samples`` global samples consumed (Composer's sample_in_epoch)."""
         sample_index = int(num_samples) if from_beginning else self._origin_index + int(num_samples)
         counts = self._counts_at(sample_index)
+        share_counts = self._accounted_counts.copy()
         in_force = int(np.searchsorted(self._segment_starts, sample_index, side='right')) - 1
         starts = self._segment_starts[in_force:].copy()
         starts[0] = sample_index
@@ -394,12 +472,14 @@ class MultiDomainStreamingDataset(IterableDataset):
             'shuffle_algo': self.shuffle_algo,
             'shuffle_block_shards': self.shuffle_block_shards,
             'domain_shards': self.domain_shards.tolist(),
+            'num_canonical_nodes': self.num_canonical_nodes,
+            'share_counts': share_counts.tolist(),
         }
 
     def load_state_dict(self, obj: Mapping[str, Any]) -> None:
         """Continue exactly where ``obj`` was taken (before iteration starts)."""
-        if obj.get('version') != STATE_VERSION:
-            raise ValueError(f'dataset state: version {obj.get("version")} is not {STATE_VERSION}; '
+        if obj.get('version') not in (1, STATE_VERSION):
+            raise ValueError(f'dataset state: version {obj.get("version")} is not 1 or {STATE_VERSION}; '
                              f'this checkpoint was written by another drp_multidomain version.')
         if list(obj['domain_names']) != self.domain_names:
             raise ValueError(f'dataset state: checkpoint domains {obj["domain_names"]} differ from the '
@@ -424,6 +504,17 @@ class MultiDomainStreamingDataset(IterableDataset):
                 raise ValueError(f'dataset state: checkpoint shards per domain {obj["domain_shards"]} differ from '
                                  f'the data {self.domain_shards.tolist()}; the shard-aware order needs the same '
                                  f'shards (rewritten shards change it).')
+        # version 1 predates node shares: its order is the one-share order
+        saved_shares = int(obj.get('num_canonical_nodes', 1))
+        if saved_shares != self.num_canonical_nodes:
+            if self._configured_canonical_nodes is not None:
+                raise ValueError(f'dataset state: the checkpoint\'s order has num_canonical_nodes={saved_shares} node '
+                                 f'shares but train_loader.dataset.num_canonical_nodes is '
+                                 f'{self._configured_canonical_nodes}; set it to {saved_shares} (or leave it unset: '
+                                 f'a resume takes the checkpoint\'s) to resume exactly.')
+            log.info('resuming with the checkpoint\'s num_canonical_nodes=%d node shares on %d nodes', saved_shares,
+                     self.num_nodes)
+            self._setup_shares(saved_shares)
         sample_index = int(obj['sample_index'])
         if sample_index % self.global_batch_size:
             raise ValueError(f'dataset state: {sample_index} samples consumed is not a whole number of global '
@@ -432,23 +523,26 @@ class MultiDomainStreamingDataset(IterableDataset):
         self._segment_starts = np.asarray(obj['segment_starts'], dtype=np.int64)
         self._segment_proportions = np.asarray(obj['segment_proportions'], dtype=np.float64)
         self._origin_index = sample_index
-        self._origin_counts = np.asarray(obj['domain_counts'], dtype=np.int64)
+        self._origin_counts = np.asarray(obj.get('share_counts', [obj['domain_counts']]), dtype=np.int64).reshape(
+            self.num_canonical_nodes, len(self.domain_names))
         self._accounted_index = sample_index
         self._accounted_counts = self._origin_counts.copy()
         self._table.write_segments(self._segment_starts, self._segment_proportions)
         self._table.write_resume(self._origin_index, self._origin_counts)
 
     def _counts_at(self, sample_index: int) -> np.ndarray:
+        """Per-domain counts of all draws before ``sample_index`` (all shares); keeps the per-share counts."""
         if sample_index < self._origin_index:
             raise ValueError(f'sample {sample_index} is before the resume point {self._origin_index}; '
                              f'counts before it are not kept.')
         if sample_index < self._accounted_index:
             self._accounted_index, self._accounted_counts = self._origin_index, self._origin_counts.copy()
-        counts = count_domains(self.shuffle_seed, self._segment_starts, self._segment_proportions,
-                               self._accounted_index, self._accounted_counts, sample_index)
-        self._log_new_passes(self._accounted_counts, counts)
+        counts = count_share_domains(self.shuffle_seed, self._segment_starts, self._segment_proportions,
+                                     self._accounted_index, self._accounted_counts, sample_index,
+                                     self.global_batch_size)
+        self._log_new_passes(self._accounted_counts.sum(axis=0), counts.sum(axis=0))
         self._accounted_index, self._accounted_counts = sample_index, counts
-        return counts.copy()
+        return counts.sum(axis=0)
 
     def _log_new_passes(self, counts_before: np.ndarray, counts_after: np.ndarray) -> None:
         passes_before = np.maximum(counts_before - 1, 0) // self.domain_sizes
@@ -502,30 +596,31 @@ class MultiDomainStreamingDataset(IterableDataset):
                                'another tokenizer: rebuild them with this one')
         return tokens
 
-    def _positions(self, domain: int, ordinals: np.ndarray) -> np.ndarray:
+    def _positions(self, domain: int, ordinals: np.ndarray, share: int) -> np.ndarray:
         if self.shuffle_algo == 'shard_block':
-            return self._block_orders[domain].positions(ordinals)
+            return self._block_orders[domain].positions(ordinals, share=share)
         return domain_positions(self.shuffle_seed, domain, ordinals, int(self.domain_sizes[domain]))
 
     def _window(self, prefetcher: _ShardPrefetcher, counts_before: np.ndarray, counts_after: np.ndarray,
                 active: np.ndarray) -> None:
-        """Queue the shards of the frontier's block and the next one; mark the window's shards recent."""
+        """Per node share read here: queue the shards of the frontier's block and the next one; mark the
+        window's shards recent. Counts are per share ``(P, D)``."""
         access_times = self._streams_dataset._shard_access_times
         states = self._streams_dataset._shard_states
         now = time.time_ns()
-        for domain in np.flatnonzero(active | (counts_after > counts_before)):
-            order = self._block_orders[domain]
-            first = order.block_of(int(counts_before[domain]))
-            current = order.block_of(int(counts_after[domain]))
-            upcoming = order.next_block(*current)
-            offset = int(self.shard_offsets[domain])
-            prefetcher.want(offset + np.concatenate([order.block_shards_of(*current),
-                                                     order.block_shards_of(*upcoming)]))
-            blocks = {first, current, upcoming}
-            for block in blocks:
-                for shard_id in offset + order.block_shards_of(*block):
-                    if states[shard_id] == _ShardState.LOCAL:
-                        access_times[shard_id] = now
+        for share in self._node_shares.tolist():
+            for domain in np.flatnonzero(active | (counts_after[share] > counts_before[share])):
+                order = self._block_orders[domain]
+                first = order.block_of(int(counts_before[share, domain]), share=share)
+                current = order.block_of(int(counts_after[share, domain]), share=share)
+                upcoming = order.next_block(*current, share=share)
+                offset = int(self.shard_offsets[domain])
+                prefetcher.want(offset + np.concatenate([order.block_shards_of(*current, share=share),
+                                                         order.block_shards_of(*upcoming, share=share)]))
+                for block in {first, current, upcoming}:
+                    for shard_id in offset + order.block_shards_of(*block, share=share):
+                        if states[shard_id] == _ShardState.LOCAL:
+                            access_times[shard_id] = now
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if get_worker_info() is not None:
@@ -548,32 +643,35 @@ class MultiDomainStreamingDataset(IterableDataset):
         first_batch = cursor_index // self.global_batch_size
         table_version, starts, proportions = -1, None, None
         local_batch = worker_id
-        mine = slice(self.rank, self.global_batch_size, self.world_size)
+        mine = self._rank_positions
+        my_shares = self._share_of_position[mine]
         while True:
             version = int(self._table.header[1])
             if version != table_version:
                 table_version, starts, proportions = self._table.read_segments()
             batch_begin = (first_batch + local_batch) * self.global_batch_size
-            counts = count_domains(self.shuffle_seed, starts, proportions, cursor_index, counts, batch_begin)
+            counts = count_share_domains(self.shuffle_seed, starts, proportions, cursor_index, counts, batch_begin,
+                                         self.global_batch_size)
             domains = draw_domains(self.shuffle_seed, starts, proportions,
                                    batch_begin, batch_begin + self.global_batch_size)
             counts_before = counts
-            ordinals, counts = assign_ordinals(domains, counts)
+            ordinals, counts = assign_share_ordinals(domains, self._share_of_position, counts)
             cursor_index = batch_begin + self.global_batch_size
             if prefetcher is not None:
                 segment = int(np.searchsorted(starts, cursor_index - 1, side='right')) - 1
                 self._window(prefetcher, counts_before, counts, proportions[segment] > 0)
             my_domains, my_ordinals = domains[mine], ordinals[mine]
             sample_ids = np.empty(my_domains.size, dtype=np.int64)
-            for domain in np.unique(my_domains):
-                hits = my_domains == domain
+            for domain, share in {(int(d), int(g)) for d, g in zip(my_domains, my_shares)}:
+                hits = (my_domains == domain) & (my_shares == share)
                 size = int(self.domain_sizes[domain])
-                positions = self._positions(int(domain), my_ordinals[hits])
+                positions = self._positions(domain, my_ordinals[hits], share)
                 sample_ids[hits] = self.domain_offsets[domain] + positions
                 new_pass = my_ordinals[hits][(my_ordinals[hits] % size == 0) & (my_ordinals[hits] > 0)]
                 for ordinal in new_pass:
-                    log.info('domain %r used all %d samples; rank %d starts reshuffled pass %d',
-                             self.domain_names[domain], size, self.rank, int(ordinal // size) + 1)
+                    log.info('domain %r: node share %d has read as many samples as the domain holds (%d); rank %d '
+                             'starts its reshuffled round %d', self.domain_names[domain], share, size, self.rank,
+                             int(ordinal // size) + 1)
             for domain, sample_id in zip(my_domains.tolist(), sample_ids.tolist()):
                 yield {'input_ids': self._checked_sample(domain, sample_id), 'domain_idx': domain}
             local_batch += num_workers

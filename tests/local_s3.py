@@ -1,6 +1,7 @@
-"""A local S3-compatible object store for tests and benches: moto's server behind a latency proxy.
+"""A local S3-compatible object store for tests and benches (test support, not shipped): moto's server
+behind a latency proxy.
 
-``LocalS3`` starts one child process (``python -m drp_foundry.data.local_s3``) that runs
+``LocalS3`` starts one child process (``python tests/local_s3.py``, this file) that runs
 
 - moto's S3 server (``moto.server.ThreadedMotoServer``, from the ``moto[server]`` package),
 - an HTTP proxy in front of it that waits ``latency_s`` before forwarding each request (a
@@ -18,7 +19,12 @@ The child exits when the parent closes its stdin (parent gone), on ``stop()``, o
         s3.upload_folder(local_mds_root, 'bucket', 'prefix')
         with s3.environment():        # S3_ENDPOINT_URL + dummy credentials
             ...  # Stream(remote='s3://bucket/prefix/<domain>', local=cache, ...)
-        s3.stats()                     # {'get_requests': {path: n}, 'get_bytes': {path: bytes}}
+        s3.stats()                     # {'get_requests': {path: n}, 'get_bytes': {path: bytes},
+                                       #  'by_client': {app id: {'get_requests': ..., 'get_bytes': ...}}}
+
+Per-client counts: boto3 puts ``AWS_SDK_UA_APP_ID`` into its User-Agent as ``app/<id>``; the
+proxy also counts GETs and bytes per such id (``LocalS3.client_environment(id)``), so processes
+that simulate nodes on one machine are counted apart while they run together.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -49,7 +56,7 @@ S3_ENVIRONMENT = {
 }
 _STATS_PATH = '/__drp_proxy__/stats'
 _RESET_PATH = '/__drp_proxy__/reset'
-_LATENCY_PATH = '/__drp_proxy__/latency'
+_APP_ID = re.compile(r'(?:^|\s)app/(\S+)')
 _HOP_HEADERS = {'connection', 'keep-alive', 'transfer-encoding', 'proxy-connection', 'te', 'upgrade'}
 
 
@@ -60,17 +67,21 @@ class _ProxyState:
         self.lock = threading.Lock()
         self.get_requests: dict[str, int] = defaultdict(int)
         self.get_bytes: dict[str, int] = defaultdict(int)
+        self.by_client: dict[str, dict[str, dict[str, int]]] = {}
         self.requests = 0
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             return {'latency_s': self.latency_s, 'requests': self.requests,
-                    'get_requests': dict(self.get_requests), 'get_bytes': dict(self.get_bytes)}
+                    'get_requests': dict(self.get_requests), 'get_bytes': dict(self.get_bytes),
+                    'by_client': {app: {key: dict(counts) for key, counts in client.items()}
+                                  for app, client in self.by_client.items()}}
 
     def reset(self) -> None:
         with self.lock:
             self.get_requests.clear()
             self.get_bytes.clear()
+            self.by_client.clear()
             self.requests = 0
 
 
@@ -105,9 +116,6 @@ def _make_handler(state: _ProxyState, upstream: tuple[str, int]):
             elif path == _RESET_PATH:
                 state.reset()
                 self._reply(200, b'{}')
-            elif path == _LATENCY_PATH:
-                state.latency_s = float(self.path.split('seconds=', 1)[1])
-                self._reply(200, b'{}')
             else:
                 return False
             return True
@@ -137,6 +145,12 @@ def _make_handler(state: _ProxyState, upstream: tuple[str, int]):
                     state.requests += 1
                     state.get_requests[path] += 1
                     state.get_bytes[path] += len(payload)
+                    app = _APP_ID.search(self.headers.get('User-Agent') or '')
+                    if app:
+                        client = state.by_client.setdefault(app.group(1), {'get_requests': defaultdict(int),
+                                                                            'get_bytes': defaultdict(int)})
+                        client['get_requests'][path] += 1
+                        client['get_bytes'][path] += len(payload)
             else:
                 with state.lock:
                     state.requests += 1
@@ -192,7 +206,7 @@ class LocalS3:
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> LocalS3:
-        command = [sys.executable, '-m', 'drp_foundry.data.local_s3', '--latency-s', str(self.latency_s),
+        command = [sys.executable, str(Path(__file__).resolve()), '--latency-s', str(self.latency_s),
                    '--max-seconds', str(self.max_seconds)]
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get('PYTHONPATH')])))
@@ -246,6 +260,13 @@ class LocalS3:
         """moto's own URL (neither slowed nor counted)."""
         return f'http://{LOOPBACK}:{self.moto_port}'
 
+    @staticmethod
+    def client_environment(client_id: str) -> dict[str, str]:
+        """Environment that makes boto3 (in this process or a child) count as ``client_id`` in ``stats()``."""
+        if not re.fullmatch(r'[A-Za-z0-9_.-]+', client_id):
+            raise ValueError(f'client id {client_id!r}: use letters, digits, "_", "." or "-".')
+        return {'AWS_SDK_UA_APP_ID': client_id}
+
     @contextlib.contextmanager
     def environment(self) -> Iterator[None]:
         """Set ``S3_ENDPOINT_URL`` (the proxy) and dummy AWS credentials; restore on exit."""
@@ -295,10 +316,6 @@ class LocalS3:
 
     def reset_stats(self) -> None:
         self._control(_RESET_PATH)
-
-    def set_latency(self, seconds: float) -> None:
-        self.latency_s = float(seconds)
-        self._control(f'{_LATENCY_PATH}?seconds={float(seconds)}')
 
 
 def main() -> None:
