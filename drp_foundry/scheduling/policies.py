@@ -263,6 +263,14 @@ class DROPolicy(MixturePolicy):
         floor_at_min_reference: also floor q_i at min_j p_R,j (research code: on).
         floors_in_constraint: the ratio floor inside the chi-square constraint, as the
             research code does (default); False (ours, earlier default) floors after solving.
+
+    All excess losses negative (every domain below its reference): ours solves the same
+    problem exactly, max_q sum q_i g_i over the chi-square ball, which is invariant to
+    shifting every g_i by one constant, so q follows the differences of the excesses (and a
+    warning says so). The research code instead rescales its reference losses by 0.9, 0.8, ...
+    until some excess is positive, which changes the differences (each g_i shifts by a
+    multiple of its own l_R,i) and so can give another q. We keep the exact solve; the
+    warning names the case so it can be checked.
     """
 
     name = 'dro'
