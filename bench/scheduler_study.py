@@ -669,6 +669,12 @@ def ml_policy_config(policy: str, references: dict[str, float]) -> dict:
     return config
 
 
+def continue_start(policy: str, prune_q_end, p0) -> np.ndarray:
+    """The mixture continued pretraining starts from: sheared's end-of-pruning mixture (as the research script
+    does), p0 for the others."""
+    return np.asarray(prune_q_end if policy == 'sheared' else p0, dtype=np.float64)
+
+
 def run_ml_arm(source_state, data, s, p0, policy: str, seed: int, references: dict[str, float]) -> dict:
     from drp_foundry.composer.hf_model import unwrap_hf_model
     from drp_foundry.composer.mask_learner import find_mask_module
@@ -692,8 +698,7 @@ def run_ml_arm(source_state, data, s, p0, policy: str, seed: int, references: di
     pruned, _ = fold_and_slice(unwrap_hf_model(trainer.state.model), masks.deterministic('target'))
     trainer.close()
     after_pruning = score_split(pruned, data)
-    # sheared continues from its end-of-pruning mixture (as the research script does); the others from p0
-    cont_p0 = np.asarray(prune['q_end']) if policy == 'sheared' else p0
+    cont_p0 = continue_start(policy, prune['q_end'], p0)
     trainer, stream = train(pruned, data, s, steps=s['continue_steps'], lr=s['continue_lr'], seed=seed,
                             proportions=cont_p0, policy=config, dataset=stream,
                             eval_every=s['continue_eval_every'])
