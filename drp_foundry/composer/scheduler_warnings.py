@@ -17,7 +17,11 @@ from omegaconf import DictConfig
 from omegaconf import OmegaConf as om
 
 from drp_foundry.scheduling.scaling_law_fit import MIN_POINTS
-from drp_foundry.scheduling.setup_warnings import fit_timing_warning, ratio_box_warning, reference_loss_warning
+from drp_foundry.scheduling.setup_warnings import (
+    fit_timing_warning,
+    ratio_box_warning,
+    reference_loss_warning,
+)
 
 log = logging.getLogger(__name__)
 

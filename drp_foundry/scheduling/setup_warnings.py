@@ -23,7 +23,6 @@ Pure numpy; no Composer import.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -175,7 +174,3 @@ def source_reference_warning(policy_name: str, domain_names: Sequence[str], refe
             'passes target-size references to fixed-reference policies (Sheared LLaMA: scaling-law predictions); '
             'only drpruning, which refits them, starts from the source\'s (multilingual runs). Fix: pass target-size '
             'reference_losses (python -m drp_foundry.scheduling.reference_losses pilot|fit), or use drpruning.')
-
-
-def _finite(value: float) -> bool:
-    return value is not None and math.isfinite(value)
