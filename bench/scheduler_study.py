@@ -872,7 +872,8 @@ def _fmt(pair: dict) -> str:
 
 
 def write_ml_results(table, gates, verdict, info, p0, pnat, references, data, s, seeds, command, wall,
-                     repo: Path) -> str:
+                     repo: Path, section: str = ML_SECTION,
+                     heading: str = 'Results (bench/scheduler_study.py, multilingual preset)') -> str:
     pol = table['policies']
     lines = [f'Command: `{command}`', '',
              f'Source: Llama {info["params"]:,} parameters ({s["model"]}), pretrained {s["pretrain_steps"]} steps of '
@@ -897,6 +898,9 @@ def write_ml_results(table, gates, verdict, info, p0, pnat, references, data, s,
                       + f' -> max - min {g2["spread"]:.3f} (>= {s["g2_spread"]}), max / min {g2["ratio"]:.2f} '
                       f'(>= {s["g2_ratio"]}), **{"passed" if g2["passed"] else "FAILED"}**.')
     lines += ['', f'**Verdict (the pre-registered reading): {verdict["verdict"]}.**']
+    if verdict['verdict'] == 'premise not met':
+        lines.append('By the pre-registered rule a failed gate means the premise is not met: the policy rows below '
+                     'are diagnostics of this run, not a comparison of the policies and not a negative result.')
     if verdict.get('checks'):
         lines.append('Checks: ' + '; '.join(f'{k}: {"yes" if v else "no"}' for k, v in verdict['checks'].items())
                      + '.')
@@ -947,8 +951,8 @@ def write_ml_results(table, gates, verdict, info, p0, pnat, references, data, s,
     body = '\n'.join(lines)
     path = repo / 'docs' / 'RESULTS.md'
     text = path.read_text()
-    begin, end = f'<!-- BEGIN {ML_SECTION} -->', f'<!-- END {ML_SECTION} -->'
-    block = f'{begin}\n### Results (bench/scheduler_study.py, multilingual preset)\n\n{body}\n{end}'
+    begin, end = f'<!-- BEGIN {section} -->', f'<!-- END {section} -->'
+    block = f'{begin}\n### {heading}\n\n{body}\n{end}'
     if begin in text and end in text:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
@@ -976,6 +980,8 @@ def main_multilingual(argv=None) -> int:
     parser.add_argument('--report-only', action='store_true', help='summarise the finished arms, train none')
     parser.add_argument('--source-only', action='store_true', help='build the data and the source, print gate G1, '
                         'stop (G1 is decided on the source alone, before any arm)')
+    parser.add_argument('--section', default=ML_SECTION, help='the docs/RESULTS.md section written')
+    parser.add_argument('--heading', default=None, help='the section\'s heading (default: from the settings)')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -1048,7 +1054,10 @@ def main_multilingual(argv=None) -> int:
                                                        indent=1, default=float))
     if not args.no_results:
         print(write_ml_results(table, gates, verdict, info, p0, pnat, references, data, s, seeds, command, wall,
-                               Path(__file__).resolve().parents[1]))
+                               Path(__file__).resolve().parents[1], args.section, args.heading or (
+                                   'Results (bench/scheduler_study.py, multilingual preset)'
+                                   if args.pretrain_steps == ML_SETTINGS['pretrain_steps'] else
+                                   f'The gates with a stronger source (pretrained {s["pretrain_steps"]} steps)')))
     log(f'scheduler study (multilingual): {len(results)} arms, G1 {gates["G1"]["passed"]}, G2 '
         f'{gates.get("G2", {}).get("passed")}; verdict: {verdict["verdict"]}; this run '
         f'{(time.time() - start) / 60:.1f} min')
