@@ -421,6 +421,9 @@ def check_train_config(cfg: DictConfig, resume: bool = True) -> None:
     elif cfg.get('eval_loader') is not None:
         _check_loader('eval_loader', cfg.eval_loader)
     _check_combinations(cfg, algorithms)
+    from drp_foundry.composer.scheduler_warnings import warn_scheduler_setup
+
+    warn_scheduler_setup(cfg)  # runs, but not as the paper means it: warnings only
     _check_pruning_with_fsdp(cfg)
     _check_data_manifests(cfg)
     from drp_foundry.composer.preflight_checks import check_sections

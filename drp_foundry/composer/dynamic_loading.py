@@ -49,6 +49,7 @@ from drp_foundry.pruning.architecture import DecoderArchitecture
 from drp_foundry.pruning.hf_injection import get_mask_module
 from drp_foundry.scheduling.policies import MixturePolicy
 from drp_foundry.scheduling.registry import build_policy, check_policy_config
+from drp_foundry.scheduling.setup_warnings import source_reference_warning
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,16 @@ class DynamicLoading(Callback):
             (``logger.log_images``, name ``drp/mixture_trajectories``).
         The flat keys of earlier versions (``rho: ...`` beside ``policy``) are refused with
         the new spelling.
+
+    Example:
+        >>> from drp_foundry import DynamicLoading
+        >>> callback = DynamicLoading(policy={'name': 'dro', 'rho': 0.1, 'reference_losses': {'wiki': 2.0, 'github': 2.4}})
+        >>> callback.policy_name, callback.policy_config['rho']  # Trainer(..., callbacks=[callback]), drp_multidomain data
+        ('dro', 0.1)
+        >>> DynamicLoading(policy={'name': 'dro', 'rhoo': 0.1})
+        Traceback (most recent call last):
+        ...
+        ValueError: ...rhoo...
     """
 
     def __init__(
@@ -296,6 +307,8 @@ class DynamicLoading(Callback):
         q, diagnostics = apply_dynamic_loading(self.policy, dataset, step, losses, expected_params)
         if diagnostics.get('skipped'):
             return
+        if self.policy.num_updates == 1:
+            self._warn_source_references(state, losses, expected_params)
         point = {key: diagnostics.get(key) for key in (
             'step', 'eval_losses', 'ema_losses', 'reference_losses', 'excess_losses', 'q', 'p_ref')}
         point['expected_params'] = float(expected_params)
@@ -303,6 +316,18 @@ class DynamicLoading(Callback):
         logger.log_metrics(self._metrics(diagnostics))
         if step >= self.policy.total_steps:
             self._write_plot(state, logger)  # the last update: the file and the loggers' image
+
+    def _warn_source_references(self, state: State, losses: np.ndarray, expected_params: float) -> None:
+        """At the first update of a pruning run: fixed references that look like the source model's losses."""
+        masks = get_mask_module(unwrap_hf_model(state.model))
+        refs = getattr(self.policy, 'reference_losses', None)
+        if masks is None or refs is None or not hasattr(masks, 'target_num_parameters'):
+            return
+        message = source_reference_warning(self.policy_name, self.policy.domain_names, refs, losses,
+                                           expected_params, float(masks.target_num_parameters()),
+                                           where='drp_dynamic_loading.policy')
+        if message and dist.get_global_rank() == 0:
+            log.warning(message)
 
     def _metrics(self, diagnostics: dict[str, Any]) -> dict[str, float]:
         metrics: dict[str, float] = {'drp/num_warnings': float(len(diagnostics['warnings']))}

@@ -212,7 +212,14 @@ class MixturePolicy(abc.ABC):
 
 
 class ConstantPolicy(MixturePolicy):
-    """q = p_R0 at every update (the static-mixture baseline)."""
+    """q = p_R0 at every update (the static-mixture baseline).
+
+    Example:
+        >>> from drp_foundry import ConstantPolicy
+        >>> policy = ConstantPolicy(['wiki', 'github'], reference_ratio=[0.7, 0.3])
+        >>> policy.update(step=50, eval_losses=[2.0, 3.0]).round(2).tolist()  # q never moves
+        [0.7, 0.3]
+    """
 
     name = 'constant'
 
@@ -226,6 +233,13 @@ class ShearedPolicy(MixturePolicy):
     Delta_i = loss_i - l_R,i (clipped at 0 when ``clip_excess_at_zero``, as in Sheared
     LLaMA's Alg. 1; the research code does not clip), q <- softmax(log q_prev + Delta),
     q <- (1 - c) q + c / n with ``smoothing`` c = 1e-4, on the raw eval loss (as in Sheared LLaMA).
+
+    Example:
+        >>> from drp_foundry import ShearedPolicy
+        >>> policy = ShearedPolicy(['wiki', 'github'], reference_ratio=[0.5, 0.5], reference_losses=[2.0, 2.0])
+        >>> q = policy.update(step=50, eval_losses=[2.1, 2.9])  # github is further above its reference
+        >>> bool(q[1] > q[0]) and round(float(q.sum()), 6) == 1.0
+        True
     """
 
     name = 'sheared'
@@ -267,6 +281,22 @@ class DROPolicy(MixturePolicy):
         floor_at_min_reference: also floor q_i at min_j p_R,j (research code: on).
         floors_in_constraint: the ratio floor inside the chi-square constraint, as the
             research code does (default); False (ours, earlier default) floors after solving.
+
+    All excess losses negative (every domain below its reference): ours solves the same
+    problem exactly, max_q sum q_i g_i over the chi-square ball, which is invariant to
+    shifting every g_i by one constant, so q follows the differences of the excesses (and a
+    warning says so). The research code instead rescales its reference losses by 0.9, 0.8, ...
+    until some excess is positive, which changes the differences (each g_i shifts by a
+    multiple of its own l_R,i) and so can give another q. We keep the exact solve; the
+    warning names the case so it can be checked.
+
+    Example:
+        >>> from drp_foundry import DROPolicy
+        >>> policy = DROPolicy(['wiki', 'github', 'arxiv'], reference_ratio=[0.4, 0.4, 0.2],
+        ...                    reference_losses=[2.0, 2.0, 2.0], rho=0.1)
+        >>> q = policy.update(step=50, eval_losses=[2.1, 2.6, 2.2])  # the worst-case mixture in the chi-square ball
+        >>> int(q.argmax()), round(float(q.sum()), 6)
+        (1, 1.0)
     """
 
     name = 'dro'
@@ -321,6 +351,14 @@ class DRPruningPolicy(DROPolicy):
 
     Defaults: fits from 20%, ratio from 40% (paper); the research code uses 10% / 20%
     and starts the history at 2% (our default for ``history_start_fraction``).
+
+    Example:
+        >>> from drp_foundry import DRPruningPolicy
+        >>> policy = DRPruningPolicy(['wiki', 'github'], reference_ratio=[0.5, 0.5], reference_losses=[2.0, 2.0],
+        ...                          total_steps=1000)
+        >>> q = policy.update(step=50, eval_losses=[2.1, 2.6])  # before its first scaling-law fit: DRO on the references
+        >>> bool(q[1] > q[0])
+        True
     """
 
     name = 'drpruning'
