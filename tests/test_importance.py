@@ -92,8 +92,9 @@ def test_padding_positions_are_not_scored():
 
 @pytest.mark.parametrize('shape,keep', [((40,), 20), ((3, 12), [8, 8, 8]), ((5,), 1)])
 def test_log_alpha_from_scores_expects_the_keep_count(shape, keep):
+    """The older placement (``pruned_keep_prob``): the expected count is the keep count."""
     scores = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    log_alpha = importance_log_alpha(scores, keep)
+    log_alpha = importance_log_alpha(scores, keep, pruned_keep_prob=0.05)
     assert torch.equal(hard_concrete.keep_top_k(log_alpha, keep), hard_concrete.keep_top_k(scores, keep))
     assert log_alpha.min() >= hard_concrete.LOG_ALPHA_MIN and log_alpha.max() <= hard_concrete.LOG_ALPHA_MAX
     expected = hard_concrete.prob_nonzero(log_alpha).sum(dim=-1)
@@ -122,7 +123,10 @@ def test_mask_learner_importance_init_keeps_the_planted_units():
                       callbacks=[recorder], loggers=[logger], progress_bar=False, log_to_console=False, device='cpu')
     trainer.fit()
     assert kept_sets(recorder.target) == planted
-    assert kept_sets(recorder.expected) == planted  # the eval-mode masks keep the target counts from step 0
+    # at the clamps a pruned entry keeps P(z != 0) = 0.047, so 'expected' eval masks keep a few more entries
+    # (the top-k and the next ones) until a constraint moves the counts
+    for key in ('layer', 'hidden'):
+        assert set(planted[key]) <= set(kept_sets(recorder.expected)[key])
     masks = find_mask_module(composer_model)
     assert masks.get_extra_state()['init'] == 'importance'
     ramp = logger.data['drp/ramped_target/intermediate']

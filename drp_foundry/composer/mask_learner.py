@@ -71,7 +71,7 @@ from drp_foundry.composer.hf_model import unwrap_hf_model
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
 from drp_foundry.pruning.expected_size import GRANULARITIES
 from drp_foundry.pruning.hf_injection import get_mask_module, inject_masks, shard_mask_module
-from drp_foundry.pruning.mask_module import EVAL_MODES, INIT_MODES, L0MaskModule
+from drp_foundry.pruning.mask_module import EVAL_MODES, INIT_MODES, MASK_VALUES, L0MaskModule
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def apply_mask_learner(model: torch.nn.Module, target: Union[TargetArchitecture,
                        mask_lr: float = 1.0, lambda_lr: float = 1.0, granularities: Iterable[str] = GRANULARITIES,
                        init_mean: float = 5.0, init_std: float = 0.01,
                        eval_mask_mode: str = 'expected', key_prefix: str = 'target',
-                       init: str = 'constant') -> L0MaskModule:
+                       init: str = 'constant', mask_values: Optional[str] = None) -> L0MaskModule:
     """Attach L0 masks to ``model`` (HF model or Composer HF wrapper) and register them with ``optimizers``.
 
     ``target``: a ``TargetArchitecture`` or a mapping with keys layers, hidden, heads,
@@ -154,6 +154,8 @@ def apply_mask_learner(model: torch.nn.Module, target: Union[TargetArchitecture,
     ``ValueError`` naming the key (``<key_prefix>.<key>``) when the target cannot be reached
     from the model. ``init='importance'`` marks the masks as importance-initialised (the
     Lagrangian then does not ramp); call ``init_masks_from_importance`` before training.
+    ``mask_values``: ``'soft'`` / ``'hard'`` deterministic values (``pruning/mask_module.py``; None:
+    hard for importance init, soft otherwise).
     Returns the mask module (also reachable as ``hf_model.drp_masks``).
     """
     hf_model = find_hf_model(model)
@@ -162,7 +164,7 @@ def apply_mask_learner(model: torch.nn.Module, target: Union[TargetArchitecture,
         target = TargetArchitecture.from_config(target, key_prefix=key_prefix)
     target = target.resolve(source, key_prefix=key_prefix)
     mask_module = L0MaskModule(source, target, granularities=granularities, init_mean=init_mean, init_std=init_std,
-                               eval_mode=eval_mask_mode, init=init)
+                               eval_mode=eval_mask_mode, init=init, mask_values=mask_values)
     device = next(hf_model.parameters()).device
     if device.type != 'meta':  # a meta model (FSDP 'mixed' init on ranks > 0) gets real CPU masks that FSDP moves
         mask_module.to(device=device)
@@ -228,9 +230,15 @@ class MaskLearner(Algorithm):
         init: ``constant`` (default, the paper: log-alphas N(init_mean, init_std^2)) or
             ``importance`` (ours): at ``FIT_START`` of a fresh run, score layers / KV groups / FFN
             units / hidden channels on the first ``calibration_batches`` batches of the train
-            loader (the batches the run then trains on; the masks at 1) and set the log-alphas so
-            that the first deterministic masks are the importance top-k at the target; the
-            Lagrangian target then starts at the target (no ramp).
+            loader (the batches the run then trains on; the masks at 1) and set the log-alphas of
+            the importance top-k at the target to the log-alpha maximum and the others to the
+            minimum: with ``mask_values: hard`` (its default) the step-0 export is exactly
+            ``drp-prune-oneshot``'s model on the same batches. The Lagrangian target then starts
+            at the target (no ramp). Ours and measured: mask_lr 0.1 holds these masks far longer
+            than the paper's 1.0 (issue 26).
+        mask_values: what a kept entry of the eval/export masks holds: ``soft`` (the paper:
+            its soft score sigmoid(0.8 log_alpha / beta), folded into the weights) or ``hard``
+            (ours: 1, masks 0/1). Default: ``hard`` with ``init: importance``, ``soft`` otherwise.
         calibration_batches: batches scored for ``init: importance`` (default 4).
         mask_noise: ``per_rank`` (default: every rank draws its own hard-concrete noise, as
             each rank of the research code does) or ``shared`` (ours: every rank draws rank 0's
@@ -241,7 +249,7 @@ class MaskLearner(Algorithm):
     def __init__(self, target: Mapping[str, Any], mask_lr: float = 1.0, lambda_lr: float = 1.0,
                  granularities: Sequence[str] = GRANULARITIES, init_mean: float = 5.0, init_std: float = 0.01,
                  eval_mask_mode: str = 'expected', mask_lr_follows_schedule: bool = True, init: str = 'constant',
-                 calibration_batches: int = 4, mask_noise: str = 'per_rank'):
+                 calibration_batches: int = 4, mask_noise: str = 'per_rank', mask_values: Optional[str] = None):
         if isinstance(target, TargetArchitecture):
             target = target.to_dict()
         if not isinstance(target, Mapping):
@@ -275,6 +283,10 @@ class MaskLearner(Algorithm):
         if mask_noise not in MASK_NOISE_MODES:
             raise ValueError(f'drp_mask_learner.mask_noise must be one of {MASK_NOISE_MODES}, got {mask_noise!r}')
         self.mask_noise = mask_noise
+        if mask_values is not None and mask_values not in MASK_VALUES:
+            raise ValueError(f'drp_mask_learner.mask_values must be one of {MASK_VALUES} (or left out), got '
+                             f'{mask_values!r}')
+        self.mask_values = mask_values
         self._fsdp2 = False
 
     def match(self, event: Event, state: State) -> bool:
@@ -295,7 +307,7 @@ class MaskLearner(Algorithm):
                 state.model, self.target, optimizers=None if self._fsdp2 else state.optimizers, mask_lr=self.mask_lr,
                 lambda_lr=self.lambda_lr, granularities=self.granularities, init_mean=self.init_mean,
                 init_std=self.init_std, eval_mask_mode=self.eval_mask_mode, key_prefix='drp_mask_learner.target',
-                init=self.init)
+                init=self.init, mask_values=self.mask_values)
             if self._fsdp2:  # masks and lambdas: their own float32 unit, sharded before the optimizer takes them
                 shard_mask_module(mask_module, mesh=getattr(fsdp_config, 'device_mesh', None))
                 for optimizer in ensure_tuple(state.optimizers):

@@ -17,6 +17,18 @@ Masks used in a forward pass (``masks_for_forward``):
 - eval: ``deterministic(eval_mode)``, cached while the log-alphas are unchanged;
 - ``fixed_masks`` (when set) override both, e.g. all ones in tests.
 
+``mask_values`` (config key ``drp_mask_learner.mask_values``) is what a kept entry of a
+deterministic mask holds (``hard_concrete.MASK_VALUES``): ``'soft'`` (the paper: its soft score,
+folded into the weights at export) or ``'hard'`` (ours: exactly 1, masks 0/1). The default is
+``'hard'`` for ``init: importance`` (so the step-0 export is the one-shot model) and ``'soft'``
+for ``init: constant``; checkpoints written before the key read ``'soft'``.
+
+``temperature`` (beta, 2/3 unless annealed by ``drp_lagrangian``, ours) is the one every sample,
+keep probability and soft score of the module uses; ``hardened`` (ours, set by
+``drp_lagrangian.harden_fraction``) makes the training forward use the deterministic target
+masks instead of a sample, so those steps train the model export cuts. Both are in the extra
+state.
+
 ``eval_mode`` (config key ``eval_mask_mode``) picks the deterministic counts used while
 pruning: ``'expected'`` (default) keeps round(expected count) entries - per layer for head
 and intermediate masks - so eval losses describe the model of the current expected size
@@ -50,10 +62,11 @@ from drp_foundry.pruning.expected_size import (
 )
 from drp_foundry.pruning.layouts import get_layout
 
-__all__ = ['EVAL_MODES', 'INIT_MODES', 'EXTRA_STATE_FORMAT', 'L0MaskModule', 'SizeTerms', 'NoSizeTermsError']
+__all__ = ['EVAL_MODES', 'INIT_MODES', 'MASK_VALUES', 'EXTRA_STATE_FORMAT', 'L0MaskModule', 'SizeTerms', 'NoSizeTermsError']
 
 EVAL_MODES = ('expected', 'target')
 INIT_MODES = ('constant', 'importance')
+MASK_VALUES = hard_concrete.MASK_VALUES
 EXTRA_STATE_FORMAT = 'drp_foundry.l0_masks/1'
 
 # Which target field each granularity prunes (a target below the source needs that mask).
@@ -143,15 +156,24 @@ class L0MaskModule(nn.Module):
             Lagrangian target ramps from the source size) or ``'importance'`` (ours: log-alphas set
             from activation importance by ``init_from_importance`` before training, masks start at
             the target, so the target does not ramp; see ``pruning/importance.py``).
+        mask_values: ``'soft'`` or ``'hard'`` (module doc); None: ``'hard'`` for ``init='importance'``,
+            ``'soft'`` otherwise.
     """
 
     def __init__(self, source: DecoderArchitecture, target: TargetArchitecture,
                  granularities: Iterable[str] = GRANULARITIES, init_mean: float = 5.0, init_std: float = 0.01,
-                 eval_mode: str = 'expected', init: str = 'constant'):
+                 eval_mode: str = 'expected', init: str = 'constant', mask_values: str | None = None):
         super().__init__()
         if init not in INIT_MODES:
             raise ValueError(f'mask init must be one of {INIT_MODES}, got {init!r}')
+        if mask_values is None:
+            mask_values = 'hard' if init == 'importance' else 'soft'
+        if mask_values not in MASK_VALUES:
+            raise ValueError(f'mask_values must be one of {MASK_VALUES}, got {mask_values!r}')
         self.init = init
+        self.mask_values = mask_values
+        self.temperature = hard_concrete.TEMPERATURE
+        self.hardened = False
         granularities = tuple(granularities)
         unknown = sorted(set(granularities) - set(GRANULARITIES))
         if unknown or not granularities:
@@ -229,7 +251,8 @@ class L0MaskModule(nn.Module):
         """One differentiable hard-concrete sample of every mask (training); advances the draw counter."""
         self.clamp_()
         generator = self.noise_generator(self.log_alpha(self.granularities[0]).device)
-        masks = {key: hard_concrete.sample_hard_concrete(self.log_alpha(key), generator=generator)
+        masks = {key: hard_concrete.sample_hard_concrete(self.log_alpha(key), generator=generator,
+                                                         temperature=self.temperature)
                  for key in self.granularities}
         self.noise_draws += 1
         return masks
@@ -237,7 +260,7 @@ class L0MaskModule(nn.Module):
     def prob_nonzero(self) -> dict[str, torch.Tensor]:
         """P(z != 0) of every mask entry (differentiable)."""
         return {key: hard_concrete.prob_nonzero(self.log_alpha(key).clamp(hard_concrete.LOG_ALPHA_MIN,
-                                                                          hard_concrete.LOG_ALPHA_MAX))
+                                                                          hard_concrete.LOG_ALPHA_MAX), self.temperature)
                 for key in self.granularities}
 
     def keep_counts(self, mode: str) -> dict[str, int | torch.Tensor]:
@@ -269,22 +292,27 @@ class L0MaskModule(nn.Module):
         mode = self.eval_mode if mode is None else mode
         values = [p.detach() for p in self.mask_parameters()]
         cached = self._deterministic_cache
-        if cached is not None and cached[0][0] == mode and len(cached[0][1]) == len(values) and all(
+        mode_key = (mode, self.mask_values, self.temperature)
+        if cached is not None and cached[0][0] == mode_key and len(cached[0][1]) == len(values) and all(
                 a.device == b.device and a.shape == b.shape and torch.equal(a, b) for a, b in zip(cached[0][1], values)):
             return cached[1]
-        cache_key = (mode, [value.clone() for value in values])
+        cache_key = (mode_key, [value.clone() for value in values])
         counts = self.keep_counts(mode)
         with torch.no_grad():
             masks = {key: hard_concrete.deterministic_mask(
-                self.log_alpha(key).clamp(hard_concrete.LOG_ALPHA_MIN, hard_concrete.LOG_ALPHA_MAX), counts[key])
+                self.log_alpha(key).clamp(hard_concrete.LOG_ALPHA_MIN, hard_concrete.LOG_ALPHA_MAX), counts[key],
+                values=self.mask_values, temperature=self.temperature)
                 for key in self.granularities}
         self._deterministic_cache = (cache_key, masks)
         return masks
 
     def masks_for_forward(self) -> dict[str, torch.Tensor]:
-        """The masks of the next forward pass: fixed, else a sample (training), else deterministic."""
+        """The masks of the next forward pass: fixed, else a sample (training; the deterministic target masks
+        once ``hardened``), else deterministic."""
         if self.fixed_masks is not None:
             masks = self.fixed_masks
+        elif self.training and self.hardened:
+            masks = self.deterministic('target')
         elif self.training:
             masks = self.sample()
         else:
@@ -315,11 +343,10 @@ class L0MaskModule(nn.Module):
     def init_from_importance(self, scores: Mapping[str, torch.Tensor],
                              pruned_keep_prob: float | None = None) -> None:
         """Set every log-alpha from importance ``scores`` (``pruning/importance.py``): the target
-        top-k of each mask (per layer for head / intermediate) starts kept, the rest pruned."""
+        top-k of each mask (per layer for head / intermediate) starts kept (at the log-alpha maximum),
+        the rest pruned (at the minimum); ``pruned_keep_prob`` gives the older placement instead."""
         from drp_foundry.pruning import importance  # imports hf_injection, which imports this module
 
-        if pruned_keep_prob is None:
-            pruned_keep_prob = importance.DEFAULT_PRUNED_KEEP_PROB
         counts = self.keep_counts('target')
         with torch.no_grad():
             for key in self.granularities:
@@ -381,6 +408,7 @@ class L0MaskModule(nn.Module):
         return {'format': EXTRA_STATE_FORMAT, 'source': self.source.to_dict(), 'target': self.target.to_dict(),
                 'granularities': list(self.granularities), 'eval_mode': self.eval_mode, 'init': self.init,
                 'noise': {'seed': self.noise_seed, 'draws': self.noise_draws},
+                'mask_values': self.mask_values, 'temperature': float(self.temperature), 'hardened': bool(self.hardened),
                 # so that a run resumed after its last step (an eval at FIT_END, no training forward) still has them;
                 # a JSON string, so that the record has the same structure before the first forward as after it
                 # (a sharded checkpoint (DCP) is loaded into the structure of the fresh model's state)
@@ -408,6 +436,10 @@ class L0MaskModule(nn.Module):
         if noise is not None:
             self.noise_seed, self.noise_draws = int(noise['seed']), int(noise['draws'])
         self.init = state.get('init', 'constant')  # where the target ramp started is the checkpoint's
+        self.mask_values = state.get('mask_values', 'soft')  # absent before the key: the soft scores were used
+        self.temperature = float(state.get('temperature', hard_concrete.TEMPERATURE))
+        self.hardened = bool(state.get('hardened', False))
+        self._deterministic_cache = None
         last = state.get('last_size_terms')  # absent before SizeTerms; a mapping in checkpoints before the JSON string
         if isinstance(last, (str, bytes)):
             last = json.loads(last)
@@ -421,6 +453,7 @@ class L0MaskModule(nn.Module):
             raise ValueError(f'not a {EXTRA_STATE_FORMAT} record: {state!r}')
         kwargs.setdefault('eval_mode', state.get('eval_mode', 'expected'))
         kwargs.setdefault('init', state.get('init', 'constant'))
+        kwargs.setdefault('mask_values', state.get('mask_values', 'soft'))
         return cls(DecoderArchitecture.from_dict(state['source']), TargetArchitecture(**state['target']),
                    granularities=state['granularities'], **kwargs)
 
@@ -435,4 +468,4 @@ class L0MaskModule(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'granularities={self.granularities}, target={self.target}, eval_mode={self.eval_mode!r}, '
-                f'init={self.init!r}')
+                f'init={self.init!r}, mask_values={self.mask_values!r}')
