@@ -41,6 +41,7 @@ __all__ = [
     'MASK_VALUES',
     'LOG_ALPHA_MIN',
     'LOG_ALPHA_MAX',
+    'annealed_temperature',
     'init_log_alpha',
     'clamp_log_alpha_',
     'sample_hard_concrete',
@@ -59,6 +60,15 @@ DETERMINISTIC_SCALE = 0.8  # the soft score is sigmoid(log_alpha / beta * 0.8)
 LOG_ALPHA_MIN = math.log(0.01)
 LOG_ALPHA_MAX = math.log(100.0)
 MASK_VALUES = ('soft', 'hard')  # what a kept entry of a deterministic mask holds (module doc)
+
+
+def annealed_temperature(step: int, start_step: int, end_step: int, final: float,
+                         initial: float = TEMPERATURE) -> float:
+    """beta at ``step``: ``initial`` up to ``start_step``, linear to ``final`` at ``end_step``, ``final`` after (ours)."""
+    if end_step <= start_step:  # no anneal interval: a step change at end_step
+        return float(final if step >= end_step else initial)
+    progress = min(max((step - start_step) / (end_step - start_step), 0.0), 1.0)
+    return float(initial + (final - initial) * progress)
 
 
 def init_log_alpha(log_alpha: torch.Tensor, mean: float = 5.0, std: float = 0.01) -> torch.Tensor:

@@ -355,6 +355,66 @@ class L0MaskModule(nn.Module):
                 _assign_(self.log_alpha(key), value)
         self._deterministic_cache = None
 
+    def project_(self, fractions: Mapping[str, float]) -> None:
+        """Shift the log-alphas in place so every row expects ``fractions[key]`` of its entries
+        (``pruning/projection.py``; per layer for head / intermediate) at the current temperature.
+
+        Plain tensors or FSDP2-sharded ones (DTensors sharded on dim 0): a 2-D mask's rows are whole on
+        their rank and are projected there; a 1-D mask split over ranks sums its partial counts over
+        them at every halving (every rank of the mesh must call this, as FSDP2 training does).
+        """
+        import torch.distributed as tdist
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        from drp_foundry.pruning.projection import project_log_alpha
+
+        with torch.no_grad():
+            for key in self.granularities:
+                param = self.log_alpha(key)
+                row_length = int(param.shape[-1])  # the global shape, also of a DTensor
+                count = float(fractions[key]) * row_length
+                if not isinstance(param, DTensor):
+                    param.copy_(project_log_alpha(param, count, self.temperature))
+                    continue
+                local = param.to_local()
+                placements = tuple(param.placements)
+                if any(not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0)
+                       for p in placements):
+                    raise ValueError(f'log_alpha_{key} is sharded as {placements}; the projection needs the '
+                                     'rows whole (Shard(0), as FSDP2 shards) or the mask replicated')
+                reduce = None
+                sharded_dims = [index for index, p in enumerate(placements) if isinstance(p, Shard)]
+                if len(sharded_dims) > 1:
+                    raise ValueError(f'log_alpha_{key} is sharded over {len(sharded_dims)} mesh dimensions; the '
+                                     'projection supports one (FSDP2 on a 1-D mesh)')
+                if param.dim() == 1 and sharded_dims:
+                    group = param.device_mesh.get_group(sharded_dims[0])
+
+                    def reduce(partial, group=group):
+                        tdist.all_reduce(partial, group=group)
+                        return partial
+                local.copy_(project_log_alpha(local, count, self.temperature, sum_over_shards=reduce,
+                                              row_length=row_length if param.dim() == 1 else None))
+        self._deterministic_cache = None
+
+    def harden_(self) -> None:
+        """Decide every mask in place: the target top-k of each (per layer for head / intermediate) to the
+        log-alpha maximum, the rest to the minimum (ours; ``drp_lagrangian.harden_fraction``). The
+        deterministic target masks are unchanged; the keep probabilities become those of decided gates.
+        An FSDP2-sharded mask is gathered (every rank must call this) and each rank writes its shard."""
+        from torch.distributed.tensor import DTensor
+
+        counts = self.keep_counts('target')
+        with torch.no_grad():
+            for key in self.granularities:
+                param = self.log_alpha(key)
+                full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+                kept = hard_concrete.keep_top_k(full.float(), counts[key])
+                value = torch.where(kept, torch.full_like(full, hard_concrete.LOG_ALPHA_MAX),
+                                    torch.full_like(full, hard_concrete.LOG_ALPHA_MIN))
+                _assign_(param, value)
+        self._deterministic_cache = None
+
     def target_num_parameters(self) -> int:
         return self.source.pruned(self.target).count_parameters()
 
