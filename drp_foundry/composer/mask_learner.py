@@ -52,6 +52,11 @@ of the per-layer fractions the Lagrangian constrains, with ``drp/expected_size_m
 ``drp/expected_num_parameters`` and ``drp/target_num_parameters`` and the multipliers
 ``drp/lambda_1/<granularity>``, ``drp/lambda_2/<granularity>``. The Lagrangian term itself is
 logged by ``LagrangianUpdater``.
+
+At ``FIT_END`` (ours, issue 26) it says whether export will cut the model the run trained
+(``drp_foundry.pruning.fidelity.mask_fidelity``): it logs ``drp/fidelity/relative_size_gap``,
+``drp/fidelity/worst_row_gap`` and ``drp/fidelity/undecided_share`` and warns, naming the figures,
+when one is past its tolerance.
 """
 
 from __future__ import annotations
@@ -215,6 +220,26 @@ def mask_metrics(mask_module: L0MaskModule) -> dict[str, float]:
     return metrics
 
 
+def end_of_pruning_fidelity(mask_module: L0MaskModule, logger: Optional[Logger] = None):
+    """Log the ``FidelityReport`` of the masks and warn past a tolerance; returns the report (every rank of a
+    sharded run must call it: an FSDP2-sharded mask is gathered)."""
+    from drp_foundry.pruning.fidelity import mask_fidelity
+
+    report = mask_fidelity(mask_module)
+    if logger is not None:
+        logger.log_metrics({'drp/fidelity/relative_size_gap': report.relative_size_gap,
+                            'drp/fidelity/worst_row_gap': report.worst_row_gap,
+                            'drp/fidelity/undecided_share': report.undecided_share['total']})
+    problems = report.warnings()
+    if problems and dist.get_global_rank() == 0:
+        log.warning('end of pruning: export will cut a model other than the trained one: %s. A longer run, or '
+                    'drp_lagrangian constraint: projection (with harden_fraction), ends on the exported model',
+                    '; '.join(problems))
+    else:
+        log.info('end of pruning: %s', report.summary())
+    return report
+
+
 class MaskLearner(Algorithm):
     """Learn L0 masks toward a target architecture (registered as ``drp_mask_learner``).
 
@@ -294,7 +319,7 @@ class MaskLearner(Algorithm):
             return not self.mask_lr_follows_schedule or self._fsdp2
         if event == Event.FIT_START:
             return self.init == 'importance'
-        return event in (Event.INIT, Event.AFTER_LOAD, Event.BATCH_END)
+        return event in (Event.INIT, Event.AFTER_LOAD, Event.BATCH_END, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -333,6 +358,8 @@ class MaskLearner(Algorithm):
                         group['lr'] = group['initial_lr']
         elif event == Event.BATCH_END:
             logger.log_metrics(mask_metrics(find_mask_module(state.model)))
+        elif event == Event.FIT_END:
+            end_of_pruning_fidelity(find_mask_module(state.model), logger)
 
     def _init_from_importance(self, state: State, logger: Logger) -> None:
         if state.dataloader is None:
