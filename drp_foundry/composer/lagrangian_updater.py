@@ -41,6 +41,11 @@ Ours, opt-in (the paper's recipes keep the Lagrangian):
   of the time) when the row keeps between 20% and 86% of its entries: the projection then moves
   the kept (or the pruned) entries by less than that.
 
+When the Trainer is built (``AFTER_LOAD``: Composer sets ``max_duration`` only after ``Event.INIT``)
+a Lagrangian run too short to settle (fewer than ``LAGRANGIAN_SETTLING_STEPS`` steps after the ramp,
+measured: ``pruning/lagrangian.py``) gets a ``ShortLagrangianRunWarning`` that names
+``constraint: projection``.
+
 Logged every batch besides the above: ``drp/temperature`` and ``drp/hardened``.
 
 Needs ``drp_mask_learner`` (which attaches the masks) in the same run.
@@ -48,6 +53,8 @@ Needs ``drp_mask_learner`` (which attaches the masks) in the same run.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -57,15 +64,21 @@ from composer.loggers import Logger
 from drp_foundry.composer.mask_learner import find_mask_module
 from drp_foundry.composer.run_length import max_duration_in_batches
 from drp_foundry.pruning import hard_concrete
-from drp_foundry.pruning.lagrangian import lagrangian_terms, ramped_target
+from drp_foundry.pruning.lagrangian import lagrangian_terms, ramped_target, short_run_message
 from drp_foundry.pruning.mask_module import L0MaskModule
 
-__all__ = ['LagrangianUpdater', 'apply_lagrangian', 'apply_projection', 'lagrangian_for_step', 'ramped_targets',
+__all__ = ['LagrangianUpdater', 'ShortLagrangianRunWarning', 'apply_lagrangian', 'apply_projection', 'lagrangian_for_step', 'ramped_targets',
            'CONSTRAINTS', 'DEFAULT_WARMUP_FRACTION']
+
+log = logging.getLogger(__name__)
 
 DEFAULT_WARMUP_FRACTION = 0.2
 CONSTRAINTS = ('lagrangian', 'projection')
 DEFAULT_FINAL_TEMPERATURE = 0.1
+
+
+class ShortLagrangianRunWarning(UserWarning):
+    """A Lagrangian pruning run too short for the multipliers to settle (``short_run_message``)."""
 
 
 def ramped_targets(mask_module: L0MaskModule, step: int, warmup_steps: int) -> dict[str, float]:
@@ -206,10 +219,27 @@ class LagrangianUpdater(Algorithm):
                 apply_projection(state.model, step, self.resolved_warmup_steps(state))
             self._frozen = [p.detach().clone() for p in mask_module.mask_parameters()]
 
+    def short_run_message(self, total_steps: int) -> Optional[str]:
+        """The warning at Trainer construction for a run of ``total_steps`` batches (None: long enough, or not the Lagrangian)."""
+        if self.constraint != 'lagrangian':
+            return None
+        warmup = self.warmup_steps if self.warmup_steps is not None else int(round(self.warmup_fraction * total_steps))
+        return short_run_message(total_steps, warmup)
+
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.FIT_START, Event.BATCH_START, Event.AFTER_LOSS, Event.BATCH_END)
+        return event in (Event.AFTER_LOAD, Event.FIT_START, Event.BATCH_START, Event.AFTER_LOSS, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.AFTER_LOAD:  # in Trainer.__init__, before any step; max_duration is set by now
+            try:
+                total = max_duration_in_batches(state, 'drp_lagrangian')
+            except ValueError:  # FIT_START raises with the fix when the ramp needs the length
+                return
+            message = self.short_run_message(total)
+            if message is not None:
+                log.warning(message)
+                warnings.warn(message, ShortLagrangianRunWarning, stacklevel=2)
+            return
         if event == Event.FIT_START:
             find_mask_module(state.model)  # fail before the first step when the masks are missing
             self.resolved_warmup_steps(state)
