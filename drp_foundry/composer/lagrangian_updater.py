@@ -38,8 +38,11 @@ Ours, opt-in (the paper's recipes keep the Lagrangian):
   frozen; the share of undecided entries just before is logged
   (``drp/undecided_share_before_hardening``, ``pruning/fidelity.py``). At temperature 0.1 a
   decided row keeps every entry decided (its gate disagrees with the exported value at most 5%
-  of the time) when the row keeps between 20% and 86% of its entries: the projection then moves
-  the kept (or the pruned) entries by less than that.
+  of the time) when the row keeps between 29% and 86% of its entries. (At the clamps a kept gate
+  is nonzero with probability 0.9922, a pruned one 0.0126; a row keeping k of n expects more
+  than k when k/n < 0.62, and the projection lowers the kept gates to P(z != 0) =
+  1 - 0.0126 (n - k) / k, still 1 at least 95% of the time while k/n >= 0.29; above 0.62 it
+  raises the pruned gates to 0.0078 k / (n - k), below 5% while k/n <= 0.86.)
 
 When the Trainer is built (``AFTER_LOAD``: Composer sets ``max_duration`` only after ``Event.INIT``)
 a Lagrangian run too short to settle (fewer than ``LAGRANGIAN_SETTLING_STEPS`` steps after the ramp,
