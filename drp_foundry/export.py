@@ -9,6 +9,13 @@ weights, the tokenizer, ``pruning_report.json`` and a model card (``README.md``,
 ``transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and serves as
 ``pretrained_model_name_or_path`` of a stock ``hf_causal_lm`` for continued pretraining.
 
+Export also says whether the exported model is the one the run trained (ours, issue 26;
+``drp_foundry.pruning.fidelity``): the masks' expected size against the target, the expected kept
+counts of the kept layers, the share of undecided mask entries and, with ``eval_batches``
+(``--eval-data``), the eval loss of the masked model as trained against the exported one. The
+figures go into ``pruning_report.json`` (``fidelity``) and the model card; past a tolerance a
+``FidelityWarning`` says what differs.
+
 The output is written into a temporary folder beside ``OUT_DIR`` and renamed into place at
 the end, so a failed export leaves nothing half-written.
 
@@ -22,11 +29,13 @@ checkpoint (``*.pt``, sharded checkpoint folders) is refused, with or without ``
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -34,6 +43,7 @@ from drp_foundry.fileio import atomic_folder
 from drp_foundry.hf_tied_weights import store_tied_output_embedding
 from drp_foundry.model_card import card_facts, write_model_card
 from drp_foundry.pruning.export import PruningReport, fold_and_slice
+from drp_foundry.pruning.fidelity import FidelityReport, mask_fidelity, masked_lm_loss, mean_lm_loss
 from drp_foundry.pruning.hf_injection import MASK_MODULE_NAME, get_mask_module, inject_masks
 from drp_foundry.pruning.mask_module import L0MaskModule
 
@@ -43,8 +53,51 @@ COMPOSER_MODEL_PREFIX = 'model.'  # HuggingFaceModel keeps the HF model as its a
 MASK_EXTRA_STATE_KEY = f'{MASK_MODULE_NAME}._extra_state'
 
 
+log = logging.getLogger(__name__)
+
+
 class ExportError(ValueError):
     """Bad input to the export: the message names the path or key and the fix."""
+
+
+class FidelityWarning(UserWarning):
+    """The exported model differs from the model the pruning run trained (``pruning/fidelity.py``)."""
+
+
+def export_fidelity(hf_model: torch.nn.Module, pruned_model: torch.nn.Module,
+                    eval_batches: Iterable[Mapping[str, torch.Tensor]] | None = None) -> FidelityReport:
+    """The ``FidelityReport`` of an export: ``hf_model`` carries the trained masks, ``pruned_model`` is its
+    export; with ``eval_batches`` also the two eval losses. Warns (``FidelityWarning``) past a tolerance."""
+    mask_module = get_mask_module(hf_model)
+    masked_loss = exported_loss = None
+    if eval_batches is not None:
+        batches = list(eval_batches)
+        masked_loss = masked_lm_loss(hf_model, batches)
+        was_training = pruned_model.training
+        pruned_model.eval()
+        exported_loss = mean_lm_loss(pruned_model, batches)
+        pruned_model.train(was_training)
+    report = mask_fidelity(mask_module, masked_loss=masked_loss, exported_loss=exported_loss)
+    problems = report.warnings()
+    if problems:
+        message = ('the exported model is not the model the run trained: ' + '; '.join(problems) + '. A longer run, '
+                   'or drp_lagrangian constraint: projection with harden_fraction, trains the model export cuts '
+                   '(docs/PRUNING.md)')
+        log.warning(message)
+        warnings.warn(message, FidelityWarning, stacklevel=2)
+    return report
+
+
+def eval_batches_from(data: str | os.PathLike, tokenizer, num_sequences: int = 32, seq_len: int = 128,
+                      batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Eval batches for ``export_fidelity`` from a data_prep output folder (its ``eval`` split) or ``.jsonl`` text."""
+    from drp_foundry.data.token_rows import CalibrationDataError, calibration_sequences, token_batches
+
+    try:
+        sequences = calibration_sequences(data, num_sequences, seq_len, tokenizer, split='eval', key='--eval-data')
+    except CalibrationDataError as error:
+        raise ExportError(str(error)) from error
+    return list(token_batches(sequences, batch_size, torch.device('cpu')))
 
 
 CHECKPOINT_PATTERNS = ('*.pt', '*.pt.tar', '*.distcp', '.metadata')
@@ -184,8 +237,11 @@ def _load_tokenizer(checkpoint: dict[str, Any], path: Path, tokenizer_dir: Path 
 
 def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
                       tokenizer_dir: str | os.PathLike | None = None, dtype: str = 'float32',
-                      source: str | None = None) -> PruningReport:
-    """Export a pruning checkpoint to a HF model folder; returns what was kept."""
+                      source: str | None = None, eval_data: str | os.PathLike | None = None,
+                      eval_sequences: int = 32, eval_seq_len: int = 128) -> PruningReport:
+    """Export a pruning checkpoint to a HF model folder; returns what was kept. ``eval_data`` (a data_prep
+    folder or ``.jsonl`` text): ``eval_sequences`` sequences of ``eval_seq_len`` tokens on which the masked
+    and the exported model's losses are compared (module doc)."""
     checkpoint_path, out_dir = Path(checkpoint_path), Path(out_dir)
     if dtype not in DTYPES:
         raise ExportError(f'--dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}')
@@ -206,6 +262,16 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
     if report.params_after != target_parameters:
         raise RuntimeError(f'exported model has {report.params_after} parameters but the target architecture '
                            f'{mask_module.target} has {target_parameters}; please report this as a bug')
+    fidelity_batches = None
+    if eval_data is not None:
+        scratch = Path(tempfile.mkdtemp(prefix='drp-export-tokenizer-'))
+        try:
+            tokenizer = _load_tokenizer(checkpoint, checkpoint_path, None if tokenizer_dir is None else Path(tokenizer_dir),
+                                        scratch)
+            fidelity_batches = eval_batches_from(eval_data, tokenizer, eval_sequences, eval_seq_len)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    fidelity = export_fidelity(hf_model, pruned_model, fidelity_batches)
     pruned_model.to(DTYPES[dtype])
     pruned_model.config.torch_dtype = DTYPES[dtype]
 
@@ -216,11 +282,14 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
         tokenizer.save_pretrained(staging)
         shutil.rmtree(staging / 'tokenizer-scratch', ignore_errors=True)
         record = {'checkpoint': str(checkpoint_path), 'dtype': dtype, 'target': mask_module.target.to_dict(),
-                  'granularities': list(mask_module.granularities), **report.to_dict()}
+                  'granularities': list(mask_module.granularities), **report.to_dict(),
+                  'fidelity': {**fidelity.to_dict(), 'warnings': fidelity.warnings()}}
         (staging / REPORT_FILENAME).write_text(json.dumps(record, indent=2))
         store_tied_output_embedding(staging)  # a tied lm_head loads through Foundry without a false warning
-        write_model_card(staging, card_facts(checkpoint, checkpoint_path, record, record['target'],
-                                             record['granularities'], dtype, source=source), name=out_dir.name)
+        facts = card_facts(checkpoint, checkpoint_path, record, record['target'], record['granularities'], dtype,
+                           source=source)
+        facts['fidelity'] = record['fidelity']
+        write_model_card(staging, facts, name=out_dir.name)
         from drp_foundry.output_files import record_written_files
 
         record_written_files(staging, REPORT_FILENAME)  # what --overwrite may replace later

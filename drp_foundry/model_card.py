@@ -3,7 +3,9 @@
 ``drp-export`` writes it beside the weights: the source model, the pruned
 architecture against the source's, parameter counts, what the pruning run learned and for
 how long (batches, samples, tokens), the data scheduler's policy and final mixture, and the
-per-domain eval loss when it is known. The facts are kept in ``model_card.json`` too, so a
+per-domain eval loss when it is known, and whether the exported model is the one the run trained
+(``fidelity``: expected size vs target, kept-layer counts, undecided mask entries, masked vs
+exported eval loss; ``drp_foundry/pruning/fidelity.py``). The facts are kept in ``model_card.json`` too, so a
 later step that measures the per-domain losses (the demo does) adds its table with
 ``add_domain_losses`` and the card is written again from the same facts.
 
@@ -69,6 +71,7 @@ def card_facts(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, r
         'algorithms': sorted(name for name, _ in state.get('algorithms') or [] if isinstance(name, str)),
         'scheduler': _scheduler(state),
         'domain_losses': None,
+        'fidelity': report.get('fidelity'),
     }
 
 
@@ -103,6 +106,27 @@ def _loss_table(domain_losses: dict[str, Any]) -> list[str]:
     for label, reduce in (('mean', lambda v: sum(v) / len(v)), ('worst', max)):
         lines.append(f'| **{label}** | ' + ' | '.join(f'{reduce(list(columns[n].values())):.3f}' for n in names)
                      + ' |')
+    return lines
+
+
+def _fidelity_lines(fidelity: dict[str, Any] | None) -> list[str]:
+    """The card's "Is this the trained model?" section (absent for a one-shot export: no training)."""
+    if not fidelity:
+        return []
+    lines = ['', '## Is this the model the run trained?', '',
+             f'- expected size under the learned masks: {fidelity["expected_num_parameters"]:,.0f} parameters, against '
+             f'{fidelity["target_num_parameters"]:,} exported ({fidelity["relative_size_gap"]:+.2%})',
+             '- expected kept counts of the kept layers (target): ' + '; '.join(
+                 f'{key} {row["expected"]} ({row["target"]})' for key, row in fidelity['kept_rows'].items()),
+             f'- undecided mask entries (a training gate disagrees with the exported value over 5% of the time): '
+             f'{fidelity["undecided_share"]["total"]:.1%}; temperature {fidelity["temperature"]:.3f}'
+             + ('; the last steps trained the exported masks (hardened)' if fidelity.get('hardened') else '')]
+    if fidelity.get('masked_loss') is not None:
+        lines.append(f'- eval loss: masked model as trained {fidelity["masked_loss"]:.4f}, exported '
+                     f'{fidelity["exported_loss"]:.4f}')
+    warnings = fidelity.get('warnings') or []
+    lines.append('- **warning**: ' + '; '.join(warnings) if warnings else
+                 '- within tolerance: the exported model is the trained one')
     return lines
 
 
@@ -143,6 +167,7 @@ def render_model_card(facts: dict[str, Any], name: str = 'model') -> str:
         lines.append('- pruning run: ' + ', '.join(p for p in parts if p))
     if facts.get('algorithms'):
         lines.append(f'- Composer algorithms in the run: {", ".join(facts["algorithms"])}')
+    lines += _fidelity_lines(facts.get('fidelity'))
     lines += ['', '## Data scheduler', '']
     scheduler = facts.get('scheduler')
     if scheduler:

@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 
-from drp_foundry.data.token_rows import mds_token_rows
-from drp_foundry.fileio import JSONLError, atomic_folder, read_jsonl, text_field
+from drp_foundry.data.token_rows import CalibrationDataError, calibration_sequences, token_batches
+from drp_foundry.fileio import atomic_folder
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
 from drp_foundry.pruning.expected_size import GRANULARITIES, pruned_granularities, target_keep_counts
 from drp_foundry.pruning.export import PruningReport, fold_and_slice
-from drp_foundry.pruning.importance import activation_importance, importance_masks
+from drp_foundry.pruning.importance import activation_importance
+from drp_foundry.pruning.importance_masks import importance_masks
 from drp_foundry.pruning.layouts import get_layout
 
-__all__ = ['OneShotError', 'parse_target', 'calibration_sequences', 'oneshot_prune', 'prune_directory']
+__all__ = ['OneShotError', 'parse_target', 'oneshot_prune', 'prune_directory']
 
 REPORT_FILENAME = 'pruning_report.json'
 
@@ -56,69 +57,6 @@ def parse_target(text: str) -> TargetArchitecture:
         raise OneShotError(str(error)) from error
 
 
-def _text_sequences(files: list[Path], tokenizer, seq_len: int, per_domain: int) -> dict[str, list[torch.Tensor]]:
-    out = {}
-    for path in files:
-        rows: list[torch.Tensor] = []
-        buffer: list[int] = []
-        try:
-            for number, record in read_jsonl(path):
-                buffer.extend(tokenizer(text_field(record, path, number))['input_ids']
-                              + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
-                while len(buffer) >= seq_len and len(rows) < per_domain:
-                    rows.append(torch.tensor(buffer[:seq_len]))
-                    buffer = buffer[seq_len:]
-                if len(rows) >= per_domain:
-                    break
-        except JSONLError as err:
-            raise OneShotError(f'--calibration {err}') from None
-        out[path.stem] = rows
-    return out
-
-
-def calibration_sequences(data: str | Path, num_sequences: int, seq_len: int, tokenizer=None,
-                          split: str = 'train') -> list[torch.Tensor]:
-    """``num_sequences`` token rows of length ``seq_len`` (or shorter MDS rows), round-robin over domains."""
-    data = Path(data)
-    if not data.exists():
-        raise OneShotError(f'--calibration {data} does not exist; pass a data_prep output folder or .jsonl text')
-    if data.is_dir() and any((path / split / 'index.json').is_file() for path in data.iterdir()):
-        try:
-            per_domain = mds_token_rows(data, split, seq_len)
-        except ValueError as err:
-            raise OneShotError(f'--calibration {err}') from None
-    else:
-        files = [data] if data.is_file() else sorted(data.glob('*.jsonl'))
-        if not files:
-            raise OneShotError(f'--calibration {data}: no <domain>/{split}/ MDS folders and no .jsonl files there')
-        if tokenizer is None:
-            raise OneShotError('text calibration data needs the model tokenizer')
-        per_domain = _text_sequences(files, tokenizer, seq_len, num_sequences)
-    domains = [rows for rows in per_domain.values() if rows]
-    if not domains:
-        raise OneShotError(f'--calibration {data}: no sequence of tokens found')
-    picked: list[torch.Tensor] = []
-    position = 0
-    while len(picked) < num_sequences and any(position < len(rows) for rows in domains):
-        for rows in domains:
-            if position < len(rows) and len(picked) < num_sequences:
-                picked.append(rows[position])
-        position += 1
-    return picked
-
-
-def _batches(sequences: list[torch.Tensor], batch_size: int, device: torch.device) -> Iterable[dict[str, torch.Tensor]]:
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
-        width = max(row.numel() for row in chunk)
-        input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        attention_mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, row in enumerate(chunk):  # right padding, left out of the scores
-            input_ids[i, :row.numel()] = row
-            attention_mask[i, :row.numel()] = 1
-        yield {'input_ids': input_ids.to(device), 'attention_mask': attention_mask.to(device)}
-
-
 def keep_counts(source: DecoderArchitecture, target: TargetArchitecture) -> dict[str, Any]:
     return target_keep_counts(source, target)
 
@@ -135,7 +73,7 @@ def oneshot_prune(hf_model, target: TargetArchitecture | Mapping[str, int], sequ
     if layout.check_target is not None:
         layout.check_target(hf_model.config, source, target)
     device = next(hf_model.parameters()).device
-    scores = activation_importance(hf_model, _batches(sequences, batch_size, device))
+    scores = activation_importance(hf_model, token_batches(sequences, batch_size, device))
     masks = importance_masks(scores, keep_counts(source, target))
     pruned, report = fold_and_slice(hf_model, masks)
     expected = source.pruned(target).count_parameters()
@@ -177,7 +115,10 @@ def prune_directory(model_dir: str | Path, out_dir: str | Path, target: TargetAr
         target = target.resolve(source, key_prefix='--target')
     except ValueError as error:
         raise OneShotError(str(error)) from error
-    sequences = calibration_sequences(calibration, num_sequences, seq_len, tokenizer, split)
+    try:
+        sequences = calibration_sequences(calibration, num_sequences, seq_len, tokenizer, split)
+    except CalibrationDataError as err:
+        raise OneShotError(str(err)) from None
     pruned, report, _ = oneshot_prune(hf_model, target, sequences, batch_size)
     with atomic_folder(out_dir) as staging:
         pruned.save_pretrained(staging, safe_serialization=True)

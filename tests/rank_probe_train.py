@@ -4,7 +4,9 @@ Every rank appends to ``<folder>/grad_norm_rank<r>.jsonl`` the norm of the full 
 backward (before clipping), and to ``<folder>/rank<r>.jsonl`` what must be the same on all ranks: at each
 scheduler update (``EVAL_AFTER_ALL``, after ``drp_dynamic_loading``) the full log-alphas and
 lambdas (FSDP2 shards gathered), the expected size the scheduler read, the dataset's mixture and
-the policy's reference ratio; at ``FIT_END`` rank 0 also saves the model's full state dict
+the policy's reference ratio (with ``masks_every_batch: true`` also after every batch, to
+``masks_rank<r>.jsonl``: the full log-alphas and the temperature after the algorithms' ``BATCH_END``); at
+``FIT_END`` rank 0 also saves the model's full state dict
 (``model_state.pt``), to build a single-process checkpoint of the same state.
 """
 
@@ -33,8 +35,22 @@ def _full(tensor: torch.Tensor) -> list:
 
 
 class RankProbe(Callback):
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, masks_every_batch: bool = False):
         self.folder = Path(folder)
+        self.masks_every_batch = masks_every_batch
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if not self.masks_every_batch:
+            return
+        from drp_foundry.composer.mask_learner import find_mask_module
+
+        masks = find_mask_module(state.model)
+        record = {'step': int(state.timestamp.batch), 'temperature': masks.temperature, 'hardened': masks.hardened,
+                  'log_alpha': {key: _full(masks.log_alpha(key)) for key in masks.granularities},
+                  'shapes': {key: list(masks.log_alpha(key).shape) for key in masks.granularities}}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f'masks_rank{dist.get_global_rank()}.jsonl', 'a') as f:
+            f.write(json.dumps(record) + '\n')
 
     def _write(self, record: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from drp_foundry.composer.lagrangian_updater import LagrangianUpdater
 from drp_foundry.composer.mask_learner import MaskLearner, find_mask_module
 from drp_foundry.pruning import hard_concrete
-from drp_foundry.pruning.importance import activation_importance, importance_log_alpha
+from drp_foundry.pruning.importance import activation_importance
+from drp_foundry.pruning.importance_masks import importance_log_alpha
 
 TARGET = dict(layers=2, hidden=48, heads=3, intermediate=80)  # of 4 layers, 96 hidden, 2 KV groups, 160 units
 
@@ -92,8 +93,9 @@ def test_padding_positions_are_not_scored():
 
 @pytest.mark.parametrize('shape,keep', [((40,), 20), ((3, 12), [8, 8, 8]), ((5,), 1)])
 def test_log_alpha_from_scores_expects_the_keep_count(shape, keep):
+    """The older placement (``pruned_keep_prob``): the expected count is the keep count."""
     scores = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    log_alpha = importance_log_alpha(scores, keep)
+    log_alpha = importance_log_alpha(scores, keep, pruned_keep_prob=0.05)
     assert torch.equal(hard_concrete.keep_top_k(log_alpha, keep), hard_concrete.keep_top_k(scores, keep))
     assert log_alpha.min() >= hard_concrete.LOG_ALPHA_MIN and log_alpha.max() <= hard_concrete.LOG_ALPHA_MAX
     expected = hard_concrete.prob_nonzero(log_alpha).sum(dim=-1)
@@ -122,7 +124,10 @@ def test_mask_learner_importance_init_keeps_the_planted_units():
                       callbacks=[recorder], loggers=[logger], progress_bar=False, log_to_console=False, device='cpu')
     trainer.fit()
     assert kept_sets(recorder.target) == planted
-    assert kept_sets(recorder.expected) == planted  # the eval-mode masks keep the target counts from step 0
+    # at the clamps a pruned entry keeps P(z != 0) = 0.047, so 'expected' eval masks keep a few more entries
+    # (the top-k and the next ones) until a constraint moves the counts
+    for key in ('layer', 'hidden'):
+        assert set(planted[key]) <= set(kept_sets(recorder.expected)[key])
     masks = find_mask_module(composer_model)
     assert masks.get_extra_state()['init'] == 'importance'
     ramp = logger.data['drp/ramped_target/intermediate']
@@ -181,7 +186,8 @@ def test_calibration_sequences_from_data_prep_output_round_robin(tmp_path):
     import numpy as np
     from streaming import MDSWriter
 
-    from drp_foundry.oneshot import OneShotError, calibration_sequences, parse_target
+    from drp_foundry.data.token_rows import CalibrationDataError, calibration_sequences
+    from drp_foundry.oneshot import OneShotError, parse_target
 
     for domain, (value, count) in {'a': (1, 5), 'b': (2, 2)}.items():
         with MDSWriter(out=str(tmp_path / domain / 'train'), columns={'tokens': 'ndarray:int32'}) as writer:
@@ -190,7 +196,7 @@ def test_calibration_sequences_from_data_prep_output_round_robin(tmp_path):
     rows = calibration_sequences(tmp_path, num_sequences=5, seq_len=8)
     assert [int(row[0]) for row in rows] == [1, 2, 1, 2, 1]  # domains alternate until one runs out
     assert all(row.numel() == 8 and row.dtype == torch.int64 for row in rows)
-    with pytest.raises(OneShotError, match='does not exist'):
+    with pytest.raises(CalibrationDataError, match='--calibration .*does not exist'):
         calibration_sequences(tmp_path / 'missing', 4, 8)
     assert parse_target('layers=2, hidden=48,heads=3,intermediate=80').kv_heads is None
     with pytest.raises(OneShotError, match='layers=N'):

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--prune-steps', type=int, default=20, help='l0 path: pruning steps')
     parser.add_argument('--mask-init', choices=('importance', 'constant'), default='importance',
                         help='l0 path: drp_mask_learner init (constant = the paper)')
+    parser.add_argument('--constraint', choices=('projection', 'lagrangian'), default='projection',
+                        help='l0 path: the size constraint (projection = ours, on target in every layer at any '
+                             'length; lagrangian = the paper, needs hundreds of steps to settle)')
     parser.add_argument('--continue-steps', type=int, default=200)
     parser.add_argument('--continue-lr', type=float, default=8e-4)
     parser.add_argument('--distill-alpha', type=float, default=0.5,

@@ -52,6 +52,11 @@ of the per-layer fractions the Lagrangian constrains, with ``drp/expected_size_m
 ``drp/expected_num_parameters`` and ``drp/target_num_parameters`` and the multipliers
 ``drp/lambda_1/<granularity>``, ``drp/lambda_2/<granularity>``. The Lagrangian term itself is
 logged by ``LagrangianUpdater``.
+
+At ``FIT_END`` (ours, issue 26) it says whether export will cut the model the run trained
+(``drp_foundry.pruning.fidelity.mask_fidelity``): it logs ``drp/fidelity/relative_size_gap``,
+``drp/fidelity/worst_row_gap`` and ``drp/fidelity/undecided_share`` and warns, naming the figures,
+when one is past its tolerance.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ from drp_foundry.composer.hf_model import unwrap_hf_model
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
 from drp_foundry.pruning.expected_size import GRANULARITIES
 from drp_foundry.pruning.hf_injection import get_mask_module, inject_masks, shard_mask_module
-from drp_foundry.pruning.mask_module import EVAL_MODES, INIT_MODES, L0MaskModule
+from drp_foundry.pruning.mask_module import EVAL_MODES, INIT_MODES, MASK_VALUES, L0MaskModule
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +151,7 @@ def apply_mask_learner(model: torch.nn.Module, target: Union[TargetArchitecture,
                        mask_lr: float = 1.0, lambda_lr: float = 1.0, granularities: Iterable[str] = GRANULARITIES,
                        init_mean: float = 5.0, init_std: float = 0.01,
                        eval_mask_mode: str = 'expected', key_prefix: str = 'target',
-                       init: str = 'constant') -> L0MaskModule:
+                       init: str = 'constant', mask_values: Optional[str] = None) -> L0MaskModule:
     """Attach L0 masks to ``model`` (HF model or Composer HF wrapper) and register them with ``optimizers``.
 
     ``target``: a ``TargetArchitecture`` or a mapping with keys layers, hidden, heads,
@@ -154,6 +159,8 @@ def apply_mask_learner(model: torch.nn.Module, target: Union[TargetArchitecture,
     ``ValueError`` naming the key (``<key_prefix>.<key>``) when the target cannot be reached
     from the model. ``init='importance'`` marks the masks as importance-initialised (the
     Lagrangian then does not ramp); call ``init_masks_from_importance`` before training.
+    ``mask_values``: ``'soft'`` / ``'hard'`` deterministic values (``pruning/mask_module.py``; None:
+    hard for importance init, soft otherwise).
     Returns the mask module (also reachable as ``hf_model.drp_masks``).
     """
     hf_model = find_hf_model(model)
@@ -162,7 +169,7 @@ def apply_mask_learner(model: torch.nn.Module, target: Union[TargetArchitecture,
         target = TargetArchitecture.from_config(target, key_prefix=key_prefix)
     target = target.resolve(source, key_prefix=key_prefix)
     mask_module = L0MaskModule(source, target, granularities=granularities, init_mean=init_mean, init_std=init_std,
-                               eval_mode=eval_mask_mode, init=init)
+                               eval_mode=eval_mask_mode, init=init, mask_values=mask_values)
     device = next(hf_model.parameters()).device
     if device.type != 'meta':  # a meta model (FSDP 'mixed' init on ranks > 0) gets real CPU masks that FSDP moves
         mask_module.to(device=device)
@@ -229,6 +236,26 @@ def refuse_non_finite_parameters(model: torch.nn.Module) -> None:
                          'checkpoint (load_path, autoresume: false)')
 
 
+def end_of_pruning_fidelity(mask_module: L0MaskModule, logger: Optional[Logger] = None):
+    """Log the ``FidelityReport`` of the masks and warn past a tolerance; returns the report (every rank of a
+    sharded run must call it: an FSDP2-sharded mask is gathered)."""
+    from drp_foundry.pruning.fidelity import mask_fidelity
+
+    report = mask_fidelity(mask_module)
+    if logger is not None:
+        logger.log_metrics({'drp/fidelity/relative_size_gap': report.relative_size_gap,
+                            'drp/fidelity/worst_row_gap': report.worst_row_gap,
+                            'drp/fidelity/undecided_share': report.undecided_share['total']})
+    problems = report.warnings()
+    if problems and dist.get_global_rank() == 0:
+        log.warning('end of pruning: export will cut a model other than the trained one: %s. A longer run, or '
+                    'drp_lagrangian constraint: projection (with harden_fraction), ends on the exported model',
+                    '; '.join(problems))
+    else:
+        log.info('end of pruning: %s', report.summary())
+    return report
+
+
 class MaskLearner(Algorithm):
     """Learn L0 masks toward a target architecture (registered as ``drp_mask_learner``).
 
@@ -244,20 +271,40 @@ class MaskLearner(Algorithm):
         init: ``constant`` (default, the paper: log-alphas N(init_mean, init_std^2)) or
             ``importance`` (ours): at ``FIT_START`` of a fresh run, score layers / KV groups / FFN
             units / hidden channels on the first ``calibration_batches`` batches of the train
-            loader (the batches the run then trains on; the masks at 1) and set the log-alphas so
-            that the first deterministic masks are the importance top-k at the target; the
-            Lagrangian target then starts at the target (no ramp).
+            loader (the batches the run then trains on; the masks at 1) and set the log-alphas of
+            the importance top-k at the target to the log-alpha maximum and the others to the
+            minimum: with ``mask_values: hard`` (its default) the step-0 export is exactly
+            ``drp-prune-oneshot``'s model on the same batches. The Lagrangian target then starts
+            at the target (no ramp). Ours and measured: mask_lr 0.1 holds these masks far longer
+            than the paper's 1.0 (issue 26).
+        mask_values: what a kept entry of the eval/export masks holds: ``soft`` (the paper:
+            its soft score sigmoid(0.8 log_alpha / beta), folded into the weights) or ``hard``
+            (ours: 1, masks 0/1). Default: ``hard`` with ``init: importance``, ``soft`` otherwise.
         calibration_batches: batches scored for ``init: importance`` (default 4).
         mask_noise: ``per_rank`` (default: every rank draws its own hard-concrete noise, as
             each rank of the research code does) or ``shared`` (ours: every rank draws rank 0's
             noise, so a run gives the same masks and losses whatever its rank count, for the
             same global and microbatch split; used by the multi-rank tests).
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...                                      num_hidden_layers=2, num_attention_heads=4))
+        >>> from drp_foundry import MaskLearner, apply_mask_learner
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> masks = apply_mask_learner(model, target={'layers': 1, 'hidden': 16, 'heads': 2, 'intermediate': 32},
+        ...                            optimizers=optimizer)  # log-alphas and lambdas join the optimizer
+        >>> sorted(masks.granularities)
+        ['head', 'hidden', 'intermediate', 'layer']
+        >>> # in a Trainer or a Foundry YAML (algorithms: drp_mask_learner: {target: {...}}):
+        >>> algorithm = MaskLearner(target={'layers': 1, 'hidden': 16, 'heads': 2, 'intermediate': 32})
     """
 
     def __init__(self, target: Mapping[str, Any], mask_lr: float = 1.0, lambda_lr: float = 1.0,
                  granularities: Sequence[str] = GRANULARITIES, init_mean: float = 5.0, init_std: float = 0.01,
                  eval_mask_mode: str = 'expected', mask_lr_follows_schedule: bool = True, init: str = 'constant',
-                 calibration_batches: int = 4, mask_noise: str = 'per_rank'):
+                 calibration_batches: int = 4, mask_noise: str = 'per_rank', mask_values: Optional[str] = None):
         if isinstance(target, TargetArchitecture):
             target = target.to_dict()
         if not isinstance(target, Mapping):
@@ -291,6 +338,10 @@ class MaskLearner(Algorithm):
         if mask_noise not in MASK_NOISE_MODES:
             raise ValueError(f'drp_mask_learner.mask_noise must be one of {MASK_NOISE_MODES}, got {mask_noise!r}')
         self.mask_noise = mask_noise
+        if mask_values is not None and mask_values not in MASK_VALUES:
+            raise ValueError(f'drp_mask_learner.mask_values must be one of {MASK_VALUES} (or left out), got '
+                             f'{mask_values!r}')
+        self.mask_values = mask_values
         self._fsdp2 = False
 
     def match(self, event: Event, state: State) -> bool:
@@ -298,7 +349,7 @@ class MaskLearner(Algorithm):
             return not self.mask_lr_follows_schedule or self._fsdp2
         if event == Event.FIT_START:
             return self.init == 'importance'
-        return event in (Event.INIT, Event.AFTER_LOAD, Event.BATCH_END)
+        return event in (Event.INIT, Event.AFTER_LOAD, Event.BATCH_END, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -311,7 +362,7 @@ class MaskLearner(Algorithm):
                 state.model, self.target, optimizers=None if self._fsdp2 else state.optimizers, mask_lr=self.mask_lr,
                 lambda_lr=self.lambda_lr, granularities=self.granularities, init_mean=self.init_mean,
                 init_std=self.init_std, eval_mask_mode=self.eval_mask_mode, key_prefix='drp_mask_learner.target',
-                init=self.init)
+                init=self.init, mask_values=self.mask_values)
             if self._fsdp2:  # masks and lambdas: their own float32 unit, sharded before the optimizer takes them
                 shard_mask_module(mask_module, mesh=getattr(fsdp_config, 'device_mesh', None))
                 for optimizer in ensure_tuple(state.optimizers):
@@ -338,6 +389,8 @@ class MaskLearner(Algorithm):
                         group['lr'] = group['initial_lr']
         elif event == Event.BATCH_END:
             logger.log_metrics(mask_metrics(find_mask_module(state.model)))
+        elif event == Event.FIT_END:
+            end_of_pruning_fidelity(find_mask_module(state.model), logger)
 
     def _init_from_importance(self, state: State, logger: Logger) -> None:
         if state.dataloader is None:

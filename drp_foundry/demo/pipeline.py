@@ -156,6 +156,38 @@ def finished(checkpoints: Path, steps: int) -> bool:
     return (checkpoints / f'ep0-ba{steps}-rank0.pt').exists()
 
 
+def l0_constraint_overrides(constraint: str, mask_init: str) -> dict[str, object]:
+    """The l0 path's constraint (``--constraint``): ``projection`` (ours, the default: every mask row on its
+    ramped target after every step, the temperature annealed over the last 40% and the last 10% trained
+    with the export's masks, so the run ends exactly on target in every layer; mask lr 0.1 with importance
+    init, which holds the one-shot start) or ``lagrangian`` (the paper's recipe, unchanged)."""
+    if constraint == 'lagrangian':
+        return {}
+    overrides: dict[str, object] = {'algorithms.drp_lagrangian.constraint': 'projection',
+                                    'algorithms.drp_lagrangian.anneal_start_fraction': 0.6,
+                                    'algorithms.drp_lagrangian.harden_fraction': 0.1}
+    if mask_init == 'importance':
+        overrides['algorithms.drp_mask_learner.mask_lr'] = 0.1
+    return overrides
+
+
+def fidelity_lines(report: dict) -> list[str]:
+    """What the l0 path's export says about the trained masks (``pruning_report.json`` ``fidelity``)."""
+    fidelity = report.get('fidelity')
+    if not fidelity:
+        return []
+    lines = [f'  expected size {fidelity["expected_num_parameters"]:,.0f} vs target '
+             f'{fidelity["target_num_parameters"]:,} ({fidelity["relative_size_gap"]:+.2%}); undecided mask entries '
+             f'{fidelity["undecided_share"]["total"]:.1%}; hardened: {fidelity["hardened"]}']
+    for key, row in fidelity['kept_rows'].items():
+        counts = sorted(set(row['expected']))
+        lines.append(f'  {key}: target {row["target"]}, expected kept per kept layer '
+                     f'{counts[0]:g}..{counts[-1]:g}' if len(row['expected']) > 1 else
+                     f'  {key}: target {row["target"]}, expected {row["expected"][0]:g}')
+    lines += [f'  warning: {w}' for w in fidelity.get('warnings') or []]
+    return lines
+
+
 def scheduler_overrides(policy: str, reference_losses: dict[str, float] | None) -> dict[str, object]:
     """YAML overrides for the scheduler: the policy name and its reference losses (null for
     ``constant``, which takes none; a null key takes the policy's default)."""
@@ -421,13 +453,16 @@ def run_demo(args) -> int:
         else:
             run_logged(train_command(PRUNE_RECIPE, {
                 **common, **run_overrides(work, prune_run, args.prune_steps), 'variables.source_model': source,
-                'algorithms.drp_mask_learner.init': args.mask_init, **extras}), logs / 'prune.log')
+                'algorithms.drp_mask_learner.init': args.mask_init,
+                **l0_constraint_overrides(args.constraint, args.mask_init), **extras}), logs / 'prune.log')
         print(f'  ({time.time() - t:.0f}s)')
 
         t = _stage('4/6 export: fold masks, slice, write a HF directory')
         run_logged([sys.executable, '-m', 'drp_foundry.commands.export',
                     str(work / prune_run / 'checkpoints' / 'latest-rank0.pt'), str(pruned_dir), '--overwrite',
                     '--source', str(source)], logs / 'export.log')
+        for line in fidelity_lines(json.loads((pruned_dir / 'pruning_report.json').read_text())):
+            print(line)
         print(f'  ({time.time() - t:.0f}s)')
 
     continue_run = f'demo-continue-{args.path}-{args.policy}'
@@ -471,6 +506,7 @@ def run_demo(args) -> int:
                       'continued': _loop_rate(continued_dir, data_root,
                                               work / f'loop_rate_continued_{args.path}_{args.policy}.json')}
     summary = {'policy': args.policy, 'path': args.path, 'seed': args.seed, 'distill_alpha': args.distill_alpha,
+               'constraint': args.constraint if args.path == 'l0' else None, 'export_fidelity': report.get('fidelity'),
                'unlikelihood_alpha': args.unlikelihood_alpha,
                'sequence_unlikelihood_alpha': args.sequence_unlikelihood_alpha,
                'train_tokens': (args.prune_steps * (args.path == 'l0') + args.continue_steps) * 4 * args.max_seq_len,

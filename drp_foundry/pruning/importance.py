@@ -17,31 +17,23 @@ over a few calibration batches with forward hooks on a stock HF decoder, at the 
 
 Padding positions (``attention_mask == 0``) are left out. Higher means more important.
 
-``importance_log_alpha`` turns scores and keep counts into log-alpha values: the ``k`` most
-important entries of each mask (per layer for head / intermediate) get a high log-alpha and the
-rest a low one, chosen so that the expected kept count equals ``k`` (so the first deterministic
-masks, in ``expected`` as in ``target`` mode, are exactly the importance top-k) and a sampled
-mask starts near it.
+Scores become masks and log-alphas in ``pruning/importance_masks.py``.
 
 Pure torch (+ transformers model classes): no Composer or LLM-Foundry import.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from drp_foundry.pruning import hard_concrete
 from drp_foundry.pruning.architecture import DecoderArchitecture
 from drp_foundry.pruning.hf_injection import get_mask_module, layout_of
 
-__all__ = ['activation_importance', 'importance_log_alpha', 'importance_masks', 'DEFAULT_PRUNED_KEEP_PROB']
-
-DEFAULT_PRUNED_KEEP_PROB = 0.05  # P(z != 0) of an entry outside the top-k at initialisation
+__all__ = ['activation_importance']
 
 
 @contextmanager
@@ -123,39 +115,3 @@ def activation_importance(hf_model: nn.Module, batches: Iterable[Mapping[str, to
     if tokens == 0:
         raise ValueError('no calibration tokens: the calibration batches are empty')
     return {key: (value / tokens).float() for key, value in sums.items()}
-
-
-def importance_masks(scores: Mapping[str, torch.Tensor], keep: Mapping[str, int | list[int]]) -> dict[str, torch.Tensor]:
-    """0/1 masks keeping the ``keep`` highest scores (per row for 2-D scores); keys of ``keep`` only."""
-    return {key: hard_concrete.keep_top_k(scores[key], count).float() for key, count in keep.items()}
-
-
-def _logit(p: float) -> float:
-    return math.log(p) - math.log1p(-p)
-
-
-def importance_log_alpha(scores: torch.Tensor, keep: int | list[int], pruned_keep_prob: float = DEFAULT_PRUNED_KEEP_PROB
-                         ) -> torch.Tensor:
-    """Log-alpha of one mask: top-``keep`` entries (per row for 2-D) high, the others low.
-
-    The others get ``P(z != 0) = pruned_keep_prob``; the kept ones ``p_hi`` with
-    ``k * p_hi + (n - k) * pruned_keep_prob = k``, so the expected count is the keep count
-    (``p_hi`` is clamped to [0.5, 0.999] when that is impossible, e.g. keeping 1 of 40).
-    Values lie inside the log-alpha clamp range.
-    """
-    if not 0.0 < pruned_keep_prob < 0.5:
-        raise ValueError(f'pruned_keep_prob must lie in (0, 0.5), got {pruned_keep_prob}')
-    kept = hard_concrete.keep_top_k(scores, keep)
-    n = scores.shape[-1] if scores.dim() == 2 else scores.numel()
-    counts = kept.sum(dim=-1, keepdim=True).float() if scores.dim() == 2 else kept.sum().float()
-    p_hi = (1.0 - (n - counts) / counts.clamp_min(1.0) * pruned_keep_prob).clamp(0.5, 0.999)
-    # P(z != 0) = sigmoid(log_alpha - beta * log(-l / r))  <=>  log_alpha = logit(P) + beta * log(-l / r)
-    shift = hard_concrete.TEMPERATURE * math.log(-hard_concrete.LIMIT_LEFT / hard_concrete.LIMIT_RIGHT)
-    high = torch.log(p_hi) - torch.log1p(-p_hi) + shift
-    low = _logit(pruned_keep_prob) + shift
-    values = torch.where(kept, high.expand_as(kept) if scores.dim() == 2 else high, torch.full_like(scores, low))
-    # within the kept / pruned sets keep the importance order (tiny spread), so ties stay stable
-    ranks = scores.argsort(dim=-1).argsort(dim=-1).float() / max(n, 1) if scores.dim() == 2 else \
-        scores.reshape(-1).argsort().argsort().float().view(scores.shape) / max(n, 1)
-    values = values + 1e-3 * ranks
-    return values.clamp(hard_concrete.LOG_ALPHA_MIN, hard_concrete.LOG_ALPHA_MAX).float()

@@ -31,7 +31,11 @@ from typing import Mapping
 
 import torch
 
-__all__ = ['reverse_gradient', 'ramped_target', 'lagrangian_penalty', 'lagrangian_terms']
+__all__ = ['reverse_gradient', 'ramped_target', 'lagrangian_penalty', 'lagrangian_terms', 'LAGRANGIAN_SETTLING_STEPS',
+           'short_run_message']
+
+# Post-ramp steps the Lagrangian needs before the masks stay on target (ours, measured; see short_run_message).
+LAGRANGIAN_SETTLING_STEPS = 310
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -80,3 +84,30 @@ def lagrangian_terms(expected: Mapping[str, torch.Tensor], targets: Mapping[str,
             lambda_1, lambda_2 = reverse_gradient(lambda_1), reverse_gradient(lambda_2)
         terms[key] = lagrangian_penalty(s, targets[key], lambda_1, lambda_2)
     return terms
+
+
+def short_run_message(total_steps: int, warmup_steps: int, settling_steps: int = LAGRANGIAN_SETTLING_STEPS
+                      ) -> str | None:
+    """Why a Lagrangian run of ``total_steps`` with a ``warmup_steps`` ramp is too short to settle, or None.
+
+    The multipliers move by about lr x (schedule multiplier) per step whatever their gradient, so the
+    loop masks <-> lambdas swings with a period of tens of steps and needs a number of steps, not a
+    fraction of the run, to settle. ``LAGRANGIAN_SETTLING_STEPS`` is measured by
+    ``bench/lagrangian_settling.py`` on SmolLM2-135M's masks at the demo's target (30 -> 20 layers,
+    hidden 576 -> 384, 3 -> 2 KV groups, FFN 1536 -> 1024), the paper's constant init, AdamW at the
+    paper's lr 1.0 for masks and multipliers, constant, a 40-step ramp (docs/RESULTS.md, "Lagrangian
+    settling"): the post-ramp step from which the expected size stays within 2% of the target and
+    every row within 5 points of its target fraction. The constraint alone (``--no-lm``, no LM
+    gradient; deterministic, 3 seeds alike) settles 308 steps after the ramp: the multipliers'
+    swings shrink to about 1% of the size only then. The LM gradient of the source model pulls the
+    masks open against the constraint, which can only lengthen that. Below the threshold, export
+    likely cuts a model other than the one the run trained.
+    """
+    post_ramp = total_steps - warmup_steps
+    if post_ramp >= settling_steps:
+        return None
+    return (f'drp_lagrangian: this run has {post_ramp} steps after its {warmup_steps}-step target ramp, but the '
+            f'Lagrangian needs about {settling_steps} to bring the masks onto the target (measured, '
+            'bench/lagrangian_settling.py); the run would likely end off target and export would cut a model other '
+            'than the trained one. Use drp_lagrangian constraint: projection (ours: on target after every step at '
+            f'any length), or run at least {warmup_steps + settling_steps} steps')

@@ -17,6 +17,18 @@ Masks used in a forward pass (``masks_for_forward``):
 - eval: ``deterministic(eval_mode)``, cached while the log-alphas are unchanged;
 - ``fixed_masks`` (when set) override both, e.g. all ones in tests.
 
+``mask_values`` (config key ``drp_mask_learner.mask_values``) is what a kept entry of a
+deterministic mask holds (``hard_concrete.MASK_VALUES``): ``'soft'`` (the paper: its soft score,
+folded into the weights at export) or ``'hard'`` (ours: exactly 1, masks 0/1). The default is
+``'hard'`` for ``init: importance`` (so the step-0 export is the one-shot model) and ``'soft'``
+for ``init: constant``; checkpoints written before the key read ``'soft'``.
+
+``temperature`` (beta, 2/3 unless annealed by ``drp_lagrangian``, ours) is the one every sample,
+keep probability and soft score of the module uses; ``hardened`` (ours, set by
+``drp_lagrangian.harden_fraction``) makes the training forward use the deterministic target
+masks instead of a sample, so those steps train the model export cuts. Both are in the extra
+state.
+
 ``eval_mode`` (config key ``eval_mask_mode``) picks the deterministic counts used while
 pruning: ``'expected'`` (default) keeps round(expected count) entries - per layer for head
 and intermediate masks - so eval losses describe the model of the current expected size
@@ -48,12 +60,14 @@ from drp_foundry.pruning.expected_size import (
     target_fractions,
     target_keep_counts,
 )
+from drp_foundry.pruning.importance_masks import importance_log_alpha
 from drp_foundry.pruning.layouts import get_layout
 
-__all__ = ['EVAL_MODES', 'INIT_MODES', 'EXTRA_STATE_FORMAT', 'L0MaskModule', 'SizeTerms', 'NoSizeTermsError']
+__all__ = ['EVAL_MODES', 'INIT_MODES', 'MASK_VALUES', 'EXTRA_STATE_FORMAT', 'L0MaskModule', 'SizeTerms', 'NoSizeTermsError']
 
 EVAL_MODES = ('expected', 'target')
 INIT_MODES = ('constant', 'importance')
+MASK_VALUES = hard_concrete.MASK_VALUES
 EXTRA_STATE_FORMAT = 'drp_foundry.l0_masks/1'
 
 # Which target field each granularity prunes (a target below the source needs that mask).
@@ -143,15 +157,24 @@ class L0MaskModule(nn.Module):
             Lagrangian target ramps from the source size) or ``'importance'`` (ours: log-alphas set
             from activation importance by ``init_from_importance`` before training, masks start at
             the target, so the target does not ramp; see ``pruning/importance.py``).
+        mask_values: ``'soft'`` or ``'hard'`` (module doc); None: ``'hard'`` for ``init='importance'``,
+            ``'soft'`` otherwise.
     """
 
     def __init__(self, source: DecoderArchitecture, target: TargetArchitecture,
                  granularities: Iterable[str] = GRANULARITIES, init_mean: float = 5.0, init_std: float = 0.01,
-                 eval_mode: str = 'expected', init: str = 'constant'):
+                 eval_mode: str = 'expected', init: str = 'constant', mask_values: str | None = None):
         super().__init__()
         if init not in INIT_MODES:
             raise ValueError(f'mask init must be one of {INIT_MODES}, got {init!r}')
+        if mask_values is None:
+            mask_values = 'hard' if init == 'importance' else 'soft'
+        if mask_values not in MASK_VALUES:
+            raise ValueError(f'mask_values must be one of {MASK_VALUES}, got {mask_values!r}')
         self.init = init
+        self.mask_values = mask_values
+        self.temperature = hard_concrete.TEMPERATURE
+        self.hardened = False
         granularities = tuple(granularities)
         unknown = sorted(set(granularities) - set(GRANULARITIES))
         if unknown or not granularities:
@@ -229,7 +252,8 @@ class L0MaskModule(nn.Module):
         """One differentiable hard-concrete sample of every mask (training); advances the draw counter."""
         self.clamp_()
         generator = self.noise_generator(self.log_alpha(self.granularities[0]).device)
-        masks = {key: hard_concrete.sample_hard_concrete(self.log_alpha(key), generator=generator)
+        masks = {key: hard_concrete.sample_hard_concrete(self.log_alpha(key), generator=generator,
+                                                         temperature=self.temperature)
                  for key in self.granularities}
         self.noise_draws += 1
         return masks
@@ -237,7 +261,7 @@ class L0MaskModule(nn.Module):
     def prob_nonzero(self) -> dict[str, torch.Tensor]:
         """P(z != 0) of every mask entry (differentiable)."""
         return {key: hard_concrete.prob_nonzero(self.log_alpha(key).clamp(hard_concrete.LOG_ALPHA_MIN,
-                                                                          hard_concrete.LOG_ALPHA_MAX))
+                                                                          hard_concrete.LOG_ALPHA_MAX), self.temperature)
                 for key in self.granularities}
 
     def keep_counts(self, mode: str) -> dict[str, int | torch.Tensor]:
@@ -269,22 +293,27 @@ class L0MaskModule(nn.Module):
         mode = self.eval_mode if mode is None else mode
         values = [p.detach() for p in self.mask_parameters()]
         cached = self._deterministic_cache
-        if cached is not None and cached[0][0] == mode and len(cached[0][1]) == len(values) and all(
+        mode_key = (mode, self.mask_values, self.temperature)
+        if cached is not None and cached[0][0] == mode_key and len(cached[0][1]) == len(values) and all(
                 a.device == b.device and a.shape == b.shape and torch.equal(a, b) for a, b in zip(cached[0][1], values)):
             return cached[1]
-        cache_key = (mode, [value.clone() for value in values])
+        cache_key = (mode_key, [value.clone() for value in values])
         counts = self.keep_counts(mode)
         with torch.no_grad():
             masks = {key: hard_concrete.deterministic_mask(
-                self.log_alpha(key).clamp(hard_concrete.LOG_ALPHA_MIN, hard_concrete.LOG_ALPHA_MAX), counts[key])
+                self.log_alpha(key).clamp(hard_concrete.LOG_ALPHA_MIN, hard_concrete.LOG_ALPHA_MAX), counts[key],
+                values=self.mask_values, temperature=self.temperature)
                 for key in self.granularities}
         self._deterministic_cache = (cache_key, masks)
         return masks
 
     def masks_for_forward(self) -> dict[str, torch.Tensor]:
-        """The masks of the next forward pass: fixed, else a sample (training), else deterministic."""
+        """The masks of the next forward pass: fixed, else a sample (training; the deterministic target masks
+        once ``hardened``), else deterministic."""
         if self.fixed_masks is not None:
             masks = self.fixed_masks
+        elif self.training and self.hardened:
+            masks = self.deterministic('target')
         elif self.training:
             masks = self.sample()
         else:
@@ -314,18 +343,75 @@ class L0MaskModule(nn.Module):
 
     def init_from_importance(self, scores: Mapping[str, torch.Tensor],
                              pruned_keep_prob: float | None = None) -> None:
-        """Set every log-alpha from importance ``scores`` (``pruning/importance.py``): the target
-        top-k of each mask (per layer for head / intermediate) starts kept, the rest pruned."""
-        from drp_foundry.pruning import importance  # imports hf_injection, which imports this module
-
-        if pruned_keep_prob is None:
-            pruned_keep_prob = importance.DEFAULT_PRUNED_KEEP_PROB
+        """Set every log-alpha from importance ``scores`` (``pruning/importance_masks.py``): the target
+        top-k of each mask (per layer for head / intermediate) starts kept (at the log-alpha maximum),
+        the rest pruned (at the minimum); ``pruned_keep_prob`` gives the older placement instead."""
         counts = self.keep_counts('target')
         with torch.no_grad():
             for key in self.granularities:
-                value = importance.importance_log_alpha(scores[key].to(self.log_alpha(key).device), counts[key],
+                value = importance_log_alpha(scores[key].to(self.log_alpha(key).device), counts[key],
                                                         pruned_keep_prob)
                 _assign_(self.log_alpha(key), value)
+        self._deterministic_cache = None
+
+    def project_(self, fractions: Mapping[str, float]) -> None:
+        """Shift the log-alphas in place so every row expects ``fractions[key]`` of its entries
+        (``pruning/projection.py``; per layer for head / intermediate) at the current temperature.
+
+        Plain tensors or FSDP2-sharded ones (DTensors sharded on dim 0): a 2-D mask's rows are whole on
+        their rank and are projected there; a 1-D mask split over ranks sums its partial counts over
+        them at every halving (every rank of the mesh must call this, as FSDP2 training does).
+        """
+        import torch.distributed as tdist
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        from drp_foundry.pruning.projection import project_log_alpha
+
+        with torch.no_grad():
+            for key in self.granularities:
+                param = self.log_alpha(key)
+                row_length = int(param.shape[-1])  # the global shape, also of a DTensor
+                count = float(fractions[key]) * row_length
+                if not isinstance(param, DTensor):
+                    param.copy_(project_log_alpha(param, count, self.temperature))
+                    continue
+                local = param.to_local()
+                placements = tuple(param.placements)
+                if any(not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0)
+                       for p in placements):
+                    raise ValueError(f'log_alpha_{key} is sharded as {placements}; the projection needs the '
+                                     'rows whole (Shard(0), as FSDP2 shards) or the mask replicated')
+                reduce = None
+                sharded_dims = [index for index, p in enumerate(placements) if isinstance(p, Shard)]
+                if len(sharded_dims) > 1:
+                    raise ValueError(f'log_alpha_{key} is sharded over {len(sharded_dims)} mesh dimensions; the '
+                                     'projection supports one (FSDP2 on a 1-D mesh)')
+                if param.dim() == 1 and sharded_dims:
+                    group = param.device_mesh.get_group(sharded_dims[0])
+
+                    def reduce(partial, group=group):
+                        tdist.all_reduce(partial, group=group)
+                        return partial
+                local.copy_(project_log_alpha(local, count, self.temperature, sum_over_shards=reduce,
+                                              row_length=row_length if param.dim() == 1 else None))
+        self._deterministic_cache = None
+
+    def harden_(self) -> None:
+        """Decide every mask in place: the target top-k of each (per layer for head / intermediate) to the
+        log-alpha maximum, the rest to the minimum (ours; ``drp_lagrangian.harden_fraction``). The
+        deterministic target masks are unchanged; the keep probabilities become those of decided gates.
+        An FSDP2-sharded mask is gathered (every rank must call this) and each rank writes its shard."""
+        from torch.distributed.tensor import DTensor
+
+        counts = self.keep_counts('target')
+        with torch.no_grad():
+            for key in self.granularities:
+                param = self.log_alpha(key)
+                full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+                kept = hard_concrete.keep_top_k(full.float(), counts[key])
+                value = torch.where(kept, torch.full_like(full, hard_concrete.LOG_ALPHA_MAX),
+                                    torch.full_like(full, hard_concrete.LOG_ALPHA_MIN))
+                _assign_(param, value)
         self._deterministic_cache = None
 
     def target_num_parameters(self) -> int:
@@ -381,6 +467,7 @@ class L0MaskModule(nn.Module):
         return {'format': EXTRA_STATE_FORMAT, 'source': self.source.to_dict(), 'target': self.target.to_dict(),
                 'granularities': list(self.granularities), 'eval_mode': self.eval_mode, 'init': self.init,
                 'noise': {'seed': self.noise_seed, 'draws': self.noise_draws},
+                'mask_values': self.mask_values, 'temperature': float(self.temperature), 'hardened': bool(self.hardened),
                 # so that a run resumed after its last step (an eval at FIT_END, no training forward) still has them;
                 # a JSON string, so that the record has the same structure before the first forward as after it
                 # (a sharded checkpoint (DCP) is loaded into the structure of the fresh model's state)
@@ -408,6 +495,10 @@ class L0MaskModule(nn.Module):
         if noise is not None:
             self.noise_seed, self.noise_draws = int(noise['seed']), int(noise['draws'])
         self.init = state.get('init', 'constant')  # where the target ramp started is the checkpoint's
+        self.mask_values = state.get('mask_values', 'soft')  # absent before the key: the soft scores were used
+        self.temperature = float(state.get('temperature', hard_concrete.TEMPERATURE))
+        self.hardened = bool(state.get('hardened', False))
+        self._deterministic_cache = None
         last = state.get('last_size_terms')  # absent before SizeTerms; a mapping in checkpoints before the JSON string
         if isinstance(last, (str, bytes)):
             last = json.loads(last)
@@ -421,6 +512,7 @@ class L0MaskModule(nn.Module):
             raise ValueError(f'not a {EXTRA_STATE_FORMAT} record: {state!r}')
         kwargs.setdefault('eval_mode', state.get('eval_mode', 'expected'))
         kwargs.setdefault('init', state.get('init', 'constant'))
+        kwargs.setdefault('mask_values', state.get('mask_values', 'soft'))
         return cls(DecoderArchitecture.from_dict(state['source']), TargetArchitecture(**state['target']),
                    granularities=state['granularities'], **kwargs)
 
@@ -435,4 +527,4 @@ class L0MaskModule(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'granularities={self.granularities}, target={self.target}, eval_mode={self.eval_mode!r}, '
-                f'init={self.init!r}')
+                f'init={self.init!r}, mask_values={self.mask_values!r}')
