@@ -43,6 +43,7 @@ writes its own section, ``data_nodes``, at the end of the file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import multiprocessing
@@ -218,20 +219,27 @@ def remote_run(system: str, s3, names: list[str], args, cache_limit: int | None,
             'max_fetches': max(shard_gets), 'seconds': elapsed}
 
 
-def run_remote(args) -> None:
+@contextlib.contextmanager
+def uploaded_shards(args, max_seconds: float):
+    """The bench's MDS shards written to a temporary folder and uploaded to a fresh local S3 server: yields
+    (server, shard root, an empty work folder, domain names, shard files, samples per shard, total samples)."""
     LocalS3 = test_support('local_s3').LocalS3
-
     total = args.samples_per_domain * len(PROPORTIONS)
     sizes = [int(round(total * p)) for p in PROPORTIONS]
-    with tempfile.TemporaryDirectory() as tmp, LocalS3(latency_s=args.latency_ms / 1000, max_seconds=3600) as s3:
-        root, work = Path(tmp) / 'mds', Path(tmp) / 'caches'
+    with tempfile.TemporaryDirectory() as tmp, LocalS3(latency_s=args.latency_ms / 1000, max_seconds=max_seconds) as s3:
+        root, work = Path(tmp) / 'mds', Path(tmp) / 'work'
         work.mkdir()
         names = write_shards(root, sizes, args.seq_len, args.shard_bytes)
         shard_files = sorted(root.rglob('shard.*.mds'))
-        shard_size = max(p.stat().st_size for p in shard_files)
-        index_bytes = sum(p.stat().st_size for p in root.rglob('index.json'))
         samples_per_shard = max(1, (args.shard_bytes - 64) // (args.seq_len * 4 + 4))
         s3.upload_folder(root, BUCKET, 'mds')
+        yield s3, root, work, names, shard_files, samples_per_shard, total
+
+
+def run_remote(args) -> None:
+    with uploaded_shards(args, max_seconds=3600) as (s3, root, work, names, shard_files, samples_per_shard, total):
+        shard_size = max(p.stat().st_size for p in shard_files)
+        index_bytes = sum(p.stat().st_size for p in root.rglob('index.json'))
         cache_limit = index_bytes + args.cache_shards * shard_size
         batches = int(args.epoch_fraction * total / args.batch_size) - args.warmup
         print(f'{total} samples of {args.seq_len} int32 tokens in {len(shard_files)} shards of <= {shard_size} bytes; '
@@ -370,18 +378,8 @@ def nodes_run(system: str, num_nodes: int, s3, names: list[str], args, work: Pat
 
 
 def run_nodes(args) -> None:
-    LocalS3 = test_support('local_s3').LocalS3
-
-    total = args.samples_per_domain * len(PROPORTIONS)
-    sizes = [int(round(total * p)) for p in PROPORTIONS]
-    with tempfile.TemporaryDirectory() as tmp, LocalS3(latency_s=args.latency_ms / 1000, max_seconds=7200) as s3:
-        root, work = Path(tmp) / 'mds', Path(tmp) / 'nodes'
-        work.mkdir()
-        names = write_shards(root, sizes, args.seq_len, args.shard_bytes)
-        shard_files = sorted(root.rglob('shard.*.mds'))
+    with uploaded_shards(args, max_seconds=7200) as (s3, root, work, names, shard_files, samples_per_shard, total):
         data_bytes = sum(p.stat().st_size for p in shard_files)
-        samples_per_shard = max(1, (args.shard_bytes - 64) // (args.seq_len * 4 + 4))
-        s3.upload_folder(root, BUCKET, 'mds')
         print(f'{total} samples of {args.seq_len} int32 tokens in {len(shard_files)} shards ({data_bytes} bytes); '
               f'latency {args.latency_ms:g} ms/request; nodes {args.nodes}', flush=True)
         results = {}

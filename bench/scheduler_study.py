@@ -394,19 +394,24 @@ def write_results(table, pre, pilot_refs, results, seeds, s, command, wall, repo
     lines += ['', f'Expected/target parameters at the end of pruning (mean over seeds): {ratios}; the export cuts '
               'to the target exactly. Repeats = samples drawn / train sequences of the domain (prune + continue).']
     body = '\n'.join(lines)
-    path = repo / 'docs' / 'RESULTS.md'
+    write_results_section(repo / 'docs' / 'RESULTS.md', SECTION,
+                          '## Scheduler study, near-uniform preset (bench/scheduler_study.py --preset near-uniform)\n\n'
+                          'The near-uniform regime, where the references are a constant-policy pilot\'s own final '
+                          'losses (so constant is optimal by construction): kept for comparison; the headline is the '
+                          f'multilingual study below.\n\n{body}')
+    return body
+
+
+def write_results_section(path: Path, section: str, content: str) -> None:
+    """Replace (or append) the ``<!-- BEGIN section -->`` ... ``<!-- END section -->`` block of ``path``."""
     text = path.read_text() if path.exists() else '# Results\n'
-    begin, end = f'<!-- BEGIN {SECTION} -->', f'<!-- END {SECTION} -->'
-    block = (f'{begin}\n## Scheduler study, near-uniform preset (bench/scheduler_study.py --preset near-uniform)\n\n'
-             'The near-uniform regime, where the references are a constant-policy pilot\'s own final losses '
-             '(so constant is optimal by construction): kept for comparison; the headline is the multilingual '
-             f'study below.\n\n{body}\n{end}')
+    begin, end = f'<!-- BEGIN {section} -->', f'<!-- END {section} -->'
+    block = f'{begin}\n{content}\n{end}'
     if begin in text and end in text:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + '\n\n' + block + '\n'
     path.write_text(text)
-    return body
 
 
 def main_near_uniform(argv=None) -> int:
@@ -944,15 +949,7 @@ def write_ml_results(table, gates, verdict, info, p0, pnat, references, data, s,
     lines += ['', f'Expected/target parameters at the end of pruning: {ratios} (the export cuts to the target '
               'exactly). Arm time (mean): ' + ', '.join(f'{p} {e["seconds"]:.0f} s' for p, e in pol.items()) + '.']
     body = '\n'.join(lines)
-    path = repo / 'docs' / 'RESULTS.md'
-    text = path.read_text()
-    begin, end = f'<!-- BEGIN {section} -->', f'<!-- END {section} -->'
-    block = f'{begin}\n### {heading}\n\n{body}\n{end}'
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + '\n\n' + block + '\n'
-    path.write_text(text)
+    write_results_section(repo / 'docs' / 'RESULTS.md', section, f'### {heading}\n\n{body}')
     return body
 
 

@@ -179,3 +179,18 @@ def copy_tracked_files(dest: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
     return dest
+
+
+def perturbed_tiny_gqa_model(seed: int = 0):
+    """A random tiny Qwen2 GQA model whose weights are far from their init (norm weights near 1 with noise,
+    the rest N(0, 0.15^2)), so a scale error shows in the logits; eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_gqa_config(), attn_implementation='eager')
+    generator = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.copy_(1.0 + 0.3 * noise if 'norm' in name else 0.15 * noise)
+    return model.eval()

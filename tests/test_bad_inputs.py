@@ -257,6 +257,16 @@ def _stale_source(cfg: dict, c: Ctx, folder: Path) -> None:
     cfg['train_loader']['dataset']['data_root'] = str(data)
 
 
+def refused_train_run(folder: Path) -> str:
+    """``train.py folder/cfg.yaml`` in ``folder``: it must stop before the Trainer is built, without a traceback;
+    returns its stderr (the message)."""
+    result = subprocess.run([sys.executable, str(REPO / 'train.py'), str(folder / 'cfg.yaml')],
+                            capture_output=True, text=True, cwd=folder, timeout=300)
+    assert result.returncode != 0
+    assert 'Building trainer' not in result.stdout + result.stderr and 'Traceback' not in result.stderr
+    return result.stderr
+
+
 def _train_subprocess(edit: Callable[[dict, Ctx, Path], None]) -> Callable[[Ctx, str], str]:
     """The real ``train.py``: exits with the message and never reaches LLM-Foundry's trainer."""
     def run(c: Ctx, name: str) -> str:
@@ -264,11 +274,7 @@ def _train_subprocess(edit: Callable[[dict, Ctx, Path], None]) -> Callable[[Ctx,
         cfg = copy.deepcopy(c.config)
         edit(cfg, c, folder)
         (folder / 'cfg.yaml').write_text(json.dumps(cfg))
-        result = subprocess.run([sys.executable, str(REPO / 'train.py'), str(folder / 'cfg.yaml')],
-                                capture_output=True, text=True, cwd=folder, timeout=300)
-        assert result.returncode != 0
-        assert 'Building trainer' not in result.stdout + result.stderr and 'Traceback' not in result.stderr
-        return result.stderr
+        return refused_train_run(folder)
     return run
 
 
@@ -620,11 +626,7 @@ def train_py(setup_cfg: Callable[[Ctx, Path], dict]) -> Callable[[Ctx, str], str
         (folder / 'cfg.yaml').write_text(json.dumps(cfg))
 
         def attempt() -> str:
-            result = subprocess.run([sys.executable, str(REPO / 'train.py'), str(folder / 'cfg.yaml')],
-                                    capture_output=True, text=True, cwd=folder, timeout=300)
-            assert result.returncode != 0
-            assert 'Building trainer' not in result.stdout + result.stderr and 'Traceback' not in result.stderr
-            return result.stderr
+            return refused_train_run(folder)
         return attempt
     return intact(setup)
 

@@ -6,8 +6,7 @@ import torch
 from composer import Callback, Trainer
 from composer.models import HuggingFaceModel
 from composer.optim import ConstantWithWarmupScheduler, DecoupledAdamW
-from conftest import tiny_gqa_config
-from transformers import AutoModelForCausalLM
+from conftest import perturbed_tiny_gqa_model, tiny_gqa_config
 
 from drp_foundry.composer.lagrangian_updater import LagrangianUpdater
 from drp_foundry.composer.mask_learner import MaskLearner, find_mask_module
@@ -23,16 +22,7 @@ from drp_foundry.pruning.mask_module import L0MaskModule
 TARGET = dict(layers=3, hidden=64, heads=3, kv_heads=1, intermediate=96)  # of 4 / 96 / 6 (2 KV) / 160
 
 
-def source_model(seed=0):
-    """A random tiny Qwen2 GQA model whose weights are far from their init, so a scale error shows in logits."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_gqa_config(), attn_implementation='eager')
-    generator = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            parameter.copy_(1.0 + 0.3 * noise if 'norm' in name else 0.15 * noise)
-    return model.eval()
+source_model = perturbed_tiny_gqa_model
 
 
 def sequences(count=8, length=20, seed=5):

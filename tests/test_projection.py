@@ -9,8 +9,7 @@ import torch
 from composer import Callback, Trainer
 from composer.models import HuggingFaceModel
 from composer.optim import ConstantWithWarmupScheduler, DecoupledAdamW
-from conftest import tiny_gqa_config
-from transformers import AutoModelForCausalLM
+from conftest import perturbed_tiny_gqa_model
 
 from drp_foundry.composer.lagrangian_updater import LagrangianUpdater
 from drp_foundry.composer.mask_learner import MaskLearner, find_mask_module
@@ -72,15 +71,7 @@ def test_annealed_temperature():
 
 # --- in a Composer run (1 rank) ---------------------------------------------------------
 
-def source_model(seed=0):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_gqa_config(), attn_implementation='eager')
-    generator = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            parameter.copy_(1.0 + 0.3 * noise if 'norm' in name else 0.15 * noise)
-    return model
+source_model = perturbed_tiny_gqa_model
 
 
 class AfterEveryStep(Callback):

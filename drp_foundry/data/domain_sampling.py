@@ -186,6 +186,17 @@ def domain_positions(seed: int, domain_index: int, ordinals: np.ndarray, domain_
     return feistel_permute((ordinals % domain_size).astype(np.uint64), keys, domain_size)
 
 
+def checked_shard_blocks(seed: int, domain_index: int, shard_sizes: Sequence[int] | np.ndarray,
+                         block_shards: int) -> tuple[int, int, np.ndarray, int]:
+    """The arguments of a shard-block order (``ShardBlockOrder``, ``node_shares.NodeShardOrder``), checked."""
+    sizes = np.asarray(shard_sizes, dtype=np.int64).reshape(-1)
+    if sizes.size == 0 or np.any(sizes <= 0):
+        raise ValueError(f'shard sizes must be positive, got {sizes.tolist()[:8]}...')
+    if int(block_shards) != block_shards or int(block_shards) < 1:
+        raise ValueError(f'shuffle_block_shards must be an integer >= 1, got {block_shards}.')
+    return int(seed), int(domain_index), sizes, int(block_shards)
+
+
 class ShardBlockOrder:
     """Shard-aware per-pass order of one domain: shuffled shards, cut into blocks, shuffled inside.
 
@@ -200,14 +211,8 @@ class ShardBlockOrder:
 
     def __init__(self, seed: int, domain_index: int, shard_sizes: Sequence[int] | np.ndarray,
                  block_shards: int, cached_passes: int = 4):
-        self.seed = int(seed)
-        self.domain_index = int(domain_index)
-        self.shard_sizes = np.asarray(shard_sizes, dtype=np.int64).reshape(-1)
-        if self.shard_sizes.size == 0 or np.any(self.shard_sizes <= 0):
-            raise ValueError(f'shard sizes must be positive, got {self.shard_sizes.tolist()[:8]}...')
-        if int(block_shards) != block_shards or int(block_shards) < 1:
-            raise ValueError(f'shuffle_block_shards must be an integer >= 1, got {block_shards}.')
-        self.block_shards = int(block_shards)
+        self.seed, self.domain_index, self.shard_sizes, self.block_shards = checked_shard_blocks(
+            seed, domain_index, shard_sizes, block_shards)
         self.num_samples = int(self.shard_sizes.sum())
         self.shard_starts = np.cumsum(self.shard_sizes) - self.shard_sizes
         self.num_blocks = -(-self.shard_sizes.size // self.block_shards)

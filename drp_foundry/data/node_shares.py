@@ -50,6 +50,7 @@ from drp_foundry.data.domain_sampling import (
     _SHARD_ORDER_SALT,
     _seed_state,
     assign_ordinals,
+    checked_shard_blocks,
     draw_domains,
     feistel_permute,
 )
@@ -165,16 +166,10 @@ class NodeShardOrder:
 
     def __init__(self, seed: int, domain_index: int, shard_sizes: Sequence[int] | np.ndarray, block_shards: int,
                  num_shares: int = 1, cached_layouts: int = 64):
-        self.seed = int(seed)
-        self.domain_index = int(domain_index)
-        self.shard_sizes = np.asarray(shard_sizes, dtype=np.int64).reshape(-1)
-        if self.shard_sizes.size == 0 or np.any(self.shard_sizes <= 0):
-            raise ValueError(f'shard sizes must be positive, got {self.shard_sizes.tolist()[:8]}...')
-        if int(block_shards) != block_shards or int(block_shards) < 1:
-            raise ValueError(f'shuffle_block_shards must be an integer >= 1, got {block_shards}.')
+        self.seed, self.domain_index, self.shard_sizes, self.block_shards = checked_shard_blocks(
+            seed, domain_index, shard_sizes, block_shards)
         if int(num_shares) != num_shares or int(num_shares) < 1:
             raise ValueError(f'num_canonical_nodes must be an integer >= 1, got {num_shares}.')
-        self.block_shards = int(block_shards)
         self.num_shares = int(num_shares)
         self.num_shards = int(self.shard_sizes.size)
         self.num_samples = int(self.shard_sizes.sum())
