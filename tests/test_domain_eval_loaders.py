@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from drp_foundry.composer.domain_eval_loaders import (
     DomainEvalsError,
@@ -94,10 +95,12 @@ def test_defaults_come_from_the_multidomain_train_loader_and_other_keys_reach_ev
     assert [e['label'] for e in out['eval_loaders']] == ['other', 'a', 'b']  # in place, in domain order
     a = out['eval_loaders'][1]
     assert a == {'label': 'a', 'name': 'text', 'drop_last': False, 'num_workers': 2, 'prefetch_factor': None,
-                 'persistent_workers': True,
+                 'persistent_workers': True, 'pin_memory': torch.cuda.is_available(),  # pinning only helps a GPU copy
                  'dataset': {'local': '/d/a', 'split': 'eval', 'shuffle': False, 'max_seq_len': 64,
                              'remote': 's3://bucket/mds/a', 'eos_token_id': 0}}
     assert cfg['eval_loaders'][1]['name'] == 'drp_domain_evals'  # the caller's config is not modified
+    pinned = expand_domain_eval_loaders({**copy.deepcopy(cfg), 'eval_loaders': [{'name': 'drp_domain_evals', 'pin_memory': True}]})
+    assert all(loader['pin_memory'] is True for loader in pinned['eval_loaders'])  # a user's value wins
     no_entry = {'eval_loaders': [{'label': 'x', 'name': 'text'}]}
     assert expand_domain_eval_loaders(no_entry) is no_entry
 
