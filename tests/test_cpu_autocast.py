@@ -91,3 +91,32 @@ def test_losses_track_the_fp32_run(tmp_path):
 def test_an_unknown_dtype_is_refused():
     with pytest.raises(ValueError, match=r"drp_cpu_autocast.dtype must be one of \['bfloat16'\]"):
         CpuAutocast(dtype='float16')
+
+
+@pytest.mark.parametrize('native', [False, True])
+def test_a_cpu_that_emulates_bf16_gets_a_warning_naming_the_fix(tmp_path, monkeypatch, native):
+    from drp_foundry.composer import cpu_autocast
+
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False, raising=False)
+    assert cpu_autocast.native_cpu_bf16() is native
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        _trainer(tmp_path, autocast=True, steps=1)
+    slow = [w for w in caught if issubclass(w.category, cpu_autocast.SlowCpuBf16Warning)]
+    if native:
+        assert not slow
+    else:
+        assert len(slow) == 1 and 'remove drp_cpu_autocast' in str(slow[0].message)
+
+
+@pytest.mark.parametrize('native', [False, True])
+def test_the_demos_auto_precision_is_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch, native):
+    from drp_foundry.demo.pipeline import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: native, raising=False)
+    assert resolve_precision('auto') == ('bf16' if native else 'fp32')
+    assert resolve_precision('bf16') == 'bf16' and resolve_precision('fp32') == 'fp32'  # a user's choice wins

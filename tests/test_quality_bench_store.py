@@ -46,12 +46,15 @@ def test_a_stored_path_is_reused_only_under_the_same_settings(bench, tmp_path):
     assert bench.stored_result(tmp_path, 'd', other) is None  # another budget: rerun, not reused
 
 
-def test_table_lists_each_path_with_its_cpu_time_where_recorded(bench):
+def test_table_lists_each_path_with_its_tokens_flops_and_cpu_time_where_recorded(bench):
     source = {d: 3.0 for d in bench.DOMAINS}
-    table = bench.table([_result(bench, 'b', 6.4), _result(bench, 'd', 4.5, cpu_s=1234.0)], source).splitlines()
+    recorded = dict(_result(bench, 'd2', 4.5, cpu_s=1234.0), flops=2.5e15, prune_tokens=256)
+    table = bench.table([_result(bench, 'b', 6.4), recorded], source).splitlines()
     header = [cell.strip() for cell in table[0].strip('|').split('|')]
-    assert header[-4:] == ['tokens', 'wall (s)', 'CPU (s)', 'load']
-    rows = {line.split('|')[1].strip()[:3]: [c.strip() for c in line.strip('|').split('|')] for line in table[3:]}
-    assert rows['(b)'][-2:] == ['not recorded', '1.0 / 1.5']
-    assert rows['(d)'][-2] == '1234' and rows['(d)'][len(bench.DOMAINS) + 1] == '**4.500**'
+    assert header[-6:] == ['tokens', 'of which pruning', 'training PFLOPs', 'wall (s)', 'CPU (s)', 'load']
+    rows = {line.split('|')[1].strip().split(' ')[0]: [c.strip() for c in line.strip('|').split('|')]
+            for line in table[3:]}
+    assert rows['(b)'][-4:] == ['not recorded', '10', 'not recorded', '1.0 / 1.5']  # stored before FLOPs were
+    assert rows["(d')"][-6:] == ['1,024', '256', '2.50', '10', '1234', '1.0 / 1.5']
+    assert rows["(d')"][len(bench.DOMAINS) + 1] == '**4.500**'
     assert all(len(line.split('|')) == len(table[0].split('|')) for line in table)

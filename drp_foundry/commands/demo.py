@@ -31,10 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--continue-lr', type=float, default=8e-4)
     parser.add_argument('--distill-alpha', type=float, default=0.5,
                         help='weight of the KL to the source model (drp_distillation); 0 switches it off')
-    parser.add_argument('--precision', choices=('fp32', 'bf16'), default='bf16',
-                        help='bf16 (default): the training stages run their forward, loss and teacher under bf16 '
-                             'autocast (drp_cpu_autocast; on CPUs with bf16 instructions, 1.3x faster per step '
-                             'here: bench/cpu_autocast_step.py); evaluation stays fp32. fp32: no autocast')
+    parser.add_argument('--precision', choices=('auto', 'fp32', 'bf16'), default='auto',
+                        help='auto (default): bf16 where the CPU has bf16 matrix instructions (AVX512-BF16, AMX), '
+                             'else fp32. bf16: the training stages run their forward, loss and teacher under bf16 '
+                             'autocast (drp_cpu_autocast; 1.3x faster per step on a CPU with bf16 instructions, '
+                             '17x slower on an AVX2-only one: bench/cpu_autocast_step.py); evaluation stays fp32. '
+                             'fp32: no autocast')
     parser.add_argument('--unlikelihood-alpha', type=float, default=0.0,
                         help='opt-in: weight of the token-level unlikelihood term against repetition loops '
                              '(drp_unlikelihood; ours); 0 (default): off')

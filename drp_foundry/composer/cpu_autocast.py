@@ -14,11 +14,16 @@ anywhere. The weights, optimizer state, masks and λ stay float32; evaluation st
       drp_cpu_autocast: {}
 
 On a GPU use ``precision: amp_bf16`` instead; this algorithm refuses a non-CPU device at INIT.
+On a CPU without bf16 matrix instructions (AVX2 only, for one) bf16 is emulated and a step is far
+slower than in fp32 (measured: 17x slower on a 2-core AVX2 machine, ``bench/cpu_autocast_step.py
+--random``); INIT warns there (``SlowCpuBf16Warning``), and the demo's ``--precision auto`` picks
+fp32 (``native_cpu_bf16``).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from composer.core import Algorithm, Event, State
@@ -27,6 +32,26 @@ from composer.loggers import Logger
 log = logging.getLogger(__name__)
 
 DTYPES = {'bfloat16': torch.bfloat16}
+EMULATED_SLOWDOWN = 17  # fp32 step / bf16 step measured 0.06 on an AVX2-only machine (module doc)
+
+
+class SlowCpuBf16Warning(UserWarning):
+    """bf16 autocast on a CPU that emulates bf16: the run is many times slower than in fp32."""
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX tiles), so bf16 autocast pays.
+
+    Unknown (a torch without the probes, another architecture) counts as no: fp32 is never the slow choice.
+    """
+    probes = [getattr(torch.cpu, name, None) for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def emulated_bf16_message(key: str) -> str:
+    return (f'{key}: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), so bf16 autocast is '
+            f'emulated and a training step runs several times slower than in fp32 (about {EMULATED_SLOWDOWN}x '
+            'on an AVX2 machine); train in fp32 here (remove drp_cpu_autocast; the demo: --precision fp32 or auto)')
 
 
 class CpuAutocast(Algorithm):
@@ -58,6 +83,10 @@ class CpuAutocast(Algorithm):
                 raise ValueError(f'drp_cpu_autocast runs on a CPU device, this run is on {device}; on a GPU set '
                                  f'`precision: amp_bf16` and remove drp_cpu_autocast')
             log.info('drp_cpu_autocast: training forward and loss under torch.autocast(cpu, %s)', self.dtype)
+            if not native_cpu_bf16():
+                message = emulated_bf16_message('drp_cpu_autocast')
+                log.warning(message)
+                warnings.warn(message, SlowCpuBf16Warning, stacklevel=2)
         elif event == Event.BEFORE_FORWARD:
             self._close()  # a microbatch that raised before its backward leaves nothing open
             self._context = torch.autocast('cpu', dtype=self.dtype)

@@ -10,8 +10,8 @@ Each stage is the command a user runs on GPUs, chained::
        oneshot: drp-prune-oneshot SOURCE OUT --target ... --calibration DATA   (activation importance)
     4. drp-export CHECKPOINT OUT_DIR      (l0) fold masks, slice, HF directory
     5. composer -m drp_foundry.commands.train RECIPE smollm2_continue.yaml   continued pretraining, same scheduler,
-       distilling the source model (drp_distillation) unless ``--distill-alpha 0``, bf16 autocast unless
-       ``--precision fp32``
+       distilling the source model (drp_distillation) unless ``--distill-alpha 0``, bf16 autocast where the
+       CPU has bf16 instructions (``--precision auto``, the default; ``fp32`` / ``bf16`` force one)
     6. eval pruned and continued models; table, plots, three greedy samples printed with
        generation-time repetition control (``no_repeat_ngram_size=3``, plain transformers ``generate``)
 
@@ -382,6 +382,16 @@ def check_resources(corpus: Path, source: Path, work: Path, max_seq_len: int) ->
     return lines
 
 
+def resolve_precision(choice: str) -> str:
+    """``--precision``: ``auto`` is bf16 where the CPU has bf16 matrix instructions, else fp32 (emulated bf16, on an
+    AVX2-only CPU, is many times slower than fp32: ``drp_foundry/composer/cpu_autocast.py``)."""
+    if choice != 'auto':
+        return choice
+    from drp_foundry.composer.cpu_autocast import native_cpu_bf16
+
+    return 'bf16' if native_cpu_bf16() else 'fp32'
+
+
 def run_demo(args) -> int:
     """The six stages, for the options ``drp-demo`` parsed (an ``argparse.Namespace``; drp_foundry/commands/demo.py)."""
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
@@ -428,6 +438,10 @@ def run_demo(args) -> int:
     prune_run = f'demo-prune-{args.policy}'
     pruned_dir = work / 'models' / f'pruned-{args.path}-{args.policy}'
     extras = distillation_overrides(source, args.distill_alpha)  # the training stages' added algorithms
+    if args.precision == 'auto':
+        args.precision = resolve_precision(args.precision)
+        print(f'  precision: {args.precision} (--precision auto: this CPU '
+              f'{"has" if args.precision == "bf16" else "has no"} bf16 matrix instructions)')
     if args.precision == 'bf16':  # Composer does not autocast on CPU; drp_cpu_autocast does
         extras['algorithms.drp_cpu_autocast.dtype'] = 'bfloat16'
     if args.unlikelihood_alpha > 0:
