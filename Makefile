@@ -17,11 +17,14 @@ demo-tiny:        ## a 24-step run of a tiny random Llama on per-domain MDS (a m
 	$(PY) -m drp_foundry.commands.data_prep --corpus $(CORPUS) --out data/demo-tiny --train-tokenizer 2048 --max-seq-len 128
 	$(PY) train.py yamls/demo/tiny_llama.yaml variables.data_root=data/demo-tiny
 
+# one pytest worker per core, at most 4; each test file stays on one worker (its module fixtures run once)
+WORKERS ?= --numprocesses auto --maxprocesses 4 --dist loadfile
+
 test:             ## the whole test suite (CPU)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q $(WORKERS) --durations=15
 
 test-fast:        ## without the end-to-end runs
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(WORKERS) -m "not slow"
 
 lint:
 	$(VENV)/bin/ruff check drp_foundry data_prep tests bench train.py

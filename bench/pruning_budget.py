@@ -221,16 +221,12 @@ def plot(summary: dict, source_mean: float, out: Path) -> None:
         if pts:
             ax.errorbar([x for x, _ in pts], [e['mean'] for _, e in pts],
                         yerr=[0 if math.isnan(e['se']) else e['se'] for _, e in pts], marker='o', capsize=3, label=name)
-    ax.axhline(source_mean, color='grey', linestyle=':', label='source (1.1M)')
     ax.axvline(0.3, color='grey', linestyle='--', linewidth=0.8, label="paper's ratio (~0.3)")
     ax.set_xscale('log')
-    ax.set_xlabel('pruning tokens per target parameter (pruning share 20% of the budget)')
-    ax.set_ylabel('held-out loss, mean over 7 domains (nats/token)')
-    ax.set_title('Tiny Llama 1.1M -> 31%: learned masks vs one-shot by budget')
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    pruning_paths.finish_plot(fig, ax, out, title='Tiny Llama 1.1M -> 31%: learned masks vs one-shot by budget',
+                              xlabel='pruning tokens per target parameter (pruning share 20% of the budget)',
+                              ylabel='held-out loss, mean over 7 domains (nats/token)', source_mean=source_mean,
+                              source_label='source (1.1M)')
 
 
 def report(summary: dict, source: dict, s: dict, seeds: list[int], command: str, cpu_s: float,

@@ -143,6 +143,20 @@ def evaluate(model, eval_sets: dict[str, torch.Tensor], bf16: bool = False, batc
     return losses
 
 
+def finish_plot(fig, ax, out, *, title: str, xlabel: str, ylabel: str, source_mean: float, source_label: str) -> None:
+    """The benches' plots: the source's loss as a dotted line, labels, legend, saved to ``out`` and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.axhline(source_mean, color='grey', linestyle=':', label=source_label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def forward_flops_per_token(model, seq_len: int) -> float:
     """2 x the weights of every linear layer + 2 x layers x sequence x attention width (module doc)."""
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))

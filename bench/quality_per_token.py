@@ -186,15 +186,10 @@ def plot(results: list[dict], source_mean: float, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         xs = [h['tokens'] for h in r['history']]
-        ax.plot(xs, [h['mean'] for h in r['history']], marker='o', label=f'({r["key"]}) {r["name"]}')
-    ax.axhline(source_mean, color='grey', linestyle=':', label='source 135M')
-    ax.set_xlabel('training tokens')
-    ax.set_ylabel('mean per-domain eval loss (nats/token)')
-    ax.set_title('SmolLM2-135M -> 50.3M: quality per token')
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+        ax.plot(xs, [h['mean'] for h in r['history']], marker='o', label=f'{label(r["key"])} {r["name"]}')
+    pruning_paths.finish_plot(fig, ax, out, title='SmolLM2-135M -> 50.3M: quality per token', xlabel='training tokens',
+                              ylabel='mean per-domain eval loss (nats/token)', source_mean=source_mean,
+                              source_label='source 135M')
 
 
 def write_section(path: Path, body: str) -> None:
