@@ -59,7 +59,7 @@ SETTINGS = dict(vocab=1024, seq=64, batch=16, max_chars_per_domain=1_500_000, st
                 target=dict(layers=4, hidden=64, heads=2, intermediate=192),
                 pretrain_steps=2000, pretrain_lr=3e-3, lr=1e-3, prune_fraction=0.2, distill_alpha=0.5,
                 importance_mask_lr=0.1, constant_mask_lr=1.0, lambda_lr=1.0, premise_margin=1.0)
-DEFAULT_BUDGETS = (40, 100, 250, 500)
+DEFAULT_BUDGETS = (40, 100, 250, 500, 1000)  # as pre-registered (docs/RESULTS.md)
 
 
 # --- source ------------------------------------------------------------------------------------
