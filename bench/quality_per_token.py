@@ -61,7 +61,7 @@ PATHS = {
     'b': '(a) + distillation',
     'c': 'L0 from importance init, projection + distillation',
     'd': 'one-shot + continue w/ distillation',
-    'd2': "(d') one-shot masks fixed in the pruning share + distillation",
+    'd2': 'one-shot masks fixed in the pruning share + distillation (control of c)',
     'e': 'random init, same arch',
 }
 PATH_KINDS = {  # key: (pruning_paths path, settings that differ from the shared ones)
