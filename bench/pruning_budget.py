@@ -31,6 +31,7 @@ Writes its section of docs/RESULTS.md and docs/pruning_budget.png.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import subprocess
@@ -41,13 +42,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pruning_paths  # noqa: E402
-from pruning_paths import PathSettings  # noqa: E402
-from scheduler_study import _claim, build_data, paired, unigram_cross_entropy, write_results_section  # noqa: E402
+from drp_foundry.demo.pipeline import DEMO_CORPUS
+from drp_foundry.pruning.lagrangian import LAGRANGIAN_SETTLING_STEPS
 
-from drp_foundry.demo.pipeline import DEMO_CORPUS  # noqa: E402
-from drp_foundry.pruning.lagrangian import LAGRANGIAN_SETTLING_STEPS  # noqa: E402
+# bench/ is not a package: its sibling pruning_paths.py (the loop every path trains with), loaded by file path
+_spec = importlib.util.spec_from_file_location('pruning_paths', Path(__file__).resolve().with_name('pruning_paths.py'))
+pruning_paths = sys.modules['pruning_paths'] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(pruning_paths)
+PathSettings = pruning_paths.PathSettings
+_study = pruning_paths.bench_module('scheduler_study')  # its corpus split, unigram baseline, claims, paired differences
+_claim, build_data, paired = _study._claim, _study.build_data, _study.paired
+unigram_cross_entropy, write_results_section = _study.unigram_cross_entropy, _study.write_results_section
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = 'pruning_budget'

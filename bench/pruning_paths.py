@@ -31,9 +31,12 @@ masked source trains at the source's cost (masks do not remove compute before th
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -45,6 +48,15 @@ from drp_foundry.oneshot import oneshot_prune
 from drp_foundry.pruning import hard_concrete
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
 from drp_foundry.pruning.export import fold_and_slice
+
+
+def bench_module(name: str):
+    """A sibling script of bench/ as a module, loaded by file path (bench/ is not a package)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name(f'{name}.py'))
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)  # before it runs: dataclasses look it up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 PATH_NAMES = {
     'l0_constant': 'L0 masks from constant init (the paper)',

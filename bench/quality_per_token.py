@@ -36,6 +36,7 @@ final mean eval loss).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -45,11 +46,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pruning_paths  # noqa: E402  (bench/pruning_paths.py: the loop every path trains with)
-from pruning_paths import PathSettings  # noqa: E402
+from drp_foundry.demo.pipeline import DEMO_CORPUS
 
-from drp_foundry.demo.pipeline import DEMO_CORPUS  # noqa: E402
+# bench/ is not a package: its sibling pruning_paths.py (the loop every path trains with), loaded by file path
+_spec = importlib.util.spec_from_file_location('pruning_paths', Path(__file__).resolve().with_name('pruning_paths.py'))
+pruning_paths = sys.modules['pruning_paths'] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(pruning_paths)
+PathSettings = pruning_paths.PathSettings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,6 @@ TARGET = dict(layers=3, hidden=48, heads=3, kv_heads=1, intermediate=80)
 
 
 def _load(name: str):
-    sys.path.insert(0, str(REPO / 'bench'))
     spec = importlib.util.spec_from_file_location(name, REPO / 'bench' / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up
