@@ -173,6 +173,10 @@ def fidelity_notes(results: list[dict]) -> list[str]:
         if 'expected_params_at_export' not in r:
             continue
         masked = sum(r['masked_eval'].values()) / len(r['masked_eval'])
+        if r.get('kind', PATH_KINDS[r['key']][0]) == 'oneshot_fixed':  # never projected: its eval-mode counts say nothing
+            notes.append(f'- {label(r["key"])}: the masks held fixed (the export\'s 0/1 masks in every training forward), so '
+                         f'the exported model is the one trained; mean eval loss at export {sum(r["exported_eval"].values()) / len(r["exported_eval"]):.3f}')
+            continue
         exported = sum(r['exported_eval'].values()) / len(r['exported_eval'])
         notes.append(f'- {label(r["key"])} at export: expected size {r["expected_params_at_export"] / 1e6:.3f}M against '
                      f'the {r["target_params"] / 1e6:.3f}M target; eval-mode counts of the kept layers '
@@ -213,7 +217,8 @@ def report(args, parser, results, source_losses, png, out_json, tokens, steps, s
     # the paths missing from WORK/paths are run by this command; finished ones are reused
     command = (f'python bench/quality_per_token.py --corpus {args.corpus}'
                + ''.join(f' --{k.replace("_", "-")} {v}' for k, v in vars(args).items()
-                         if k in ('tokens', 'threads', 'prune_fraction', 'lr') and v != parser.get_default(k)))
+                         if k in ('tokens', 'threads', 'prune_fraction', 'lr') and v != parser.get_default(k))
+               + f' --paths {",".join(r["key"] for r in results)}')  # the stored paths it shows (reused)
     body = ['## Quality per token (`bench/quality_per_token.py`)', '',
             f'`{command}` (every eval: `{args.work}/{out_json.name}`).', '',
             f'![mean eval loss vs training tokens, every path]({png.name})', '',
