@@ -19,6 +19,7 @@ from drp_foundry.eval.continuation_items import (
     ModelVerifier,
     OtherDocumentWrongWriter,
     build_items,
+    keep_largest_margins,
     read_domain_documents,
     sentence_pairs,
     split_segments,
@@ -239,20 +240,54 @@ def test_read_items_names_the_bad_line(tmp_path):
 # ----------------------------------------------------------------------------- verification
 
 
-def test_model_verifier_keeps_whole_swap_pairs_by_margin(split_sample, trained_model, tiny_tokenizer):
+def test_model_verifier_margin_is_the_mean_log_likelihood_gap(swapped_items, trained_model, tiny_tokenizer):
+    items = swapped_items[:12]
+    verifier = ModelVerifier(trained_model, tiny_tokenizer, batch_size=32)
+    right_sum, right_count = continuation_log_likelihoods(trained_model, tiny_tokenizer,
+                                                          [(i.context, i.right) for i in items], batch_size=5)
+    wrong_sum, wrong_count = continuation_log_likelihoods(trained_model, tiny_tokenizer,
+                                                          [(i.context, i.wrong) for i in items], batch_size=5)
+    np.testing.assert_allclose(verifier.margins(items), right_sum / right_count - wrong_sum / wrong_count,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_model_verifier_keeps_exactly_the_swap_pairs_it_gets_both_ways_right(split_sample, trained_model,
+                                                                             tiny_tokenizer):
+    # the same candidates with and without the verifier (candidates_per_item=1): the verifier keeps
+    # the whole pairs whose two margins are > 0, the largest smaller margin first
     documents = read_domain_documents([split_sample[1]])
     verifier = ModelVerifier(trained_model, tiny_tokenizer, batch_size=32)
-    items = build_items({'wiki': documents['wiki']}, OtherDocumentWrongWriter(pairing='swap'), per_domain=10,
-                        verifier=verifier,
-                        candidates_per_item=4)
-    assert 0 < len(items) <= 10 and len(items) % 2 == 0
-    margins = verifier.margins(items)
-    np.testing.assert_allclose(margins, [i.meta['margin'] for i in items], rtol=1e-5)
-    assert (margins > 0).all() and all(i.meta['verifier'] == 'model:reference_model' for i in items)
-    pair_minimums = [min(margins[k], margins[k + 1]) for k in range(0, len(items), 2)]
-    assert [items[k].meta['swap_pair'] for k in range(0, len(items), 2)] == \
-           [items[k + 1].meta['swap_pair'] for k in range(0, len(items), 2)]
-    assert pair_minimums == sorted(pair_minimums, reverse=True)
+    every = build_items(documents, OtherDocumentWrongWriter(pairing='swap'), per_domain=400)
+    kept = build_items(documents, OtherDocumentWrongWriter(pairing='swap'), per_domain=400, verifier=verifier,
+                       candidates_per_item=1)
+    margins = verifier.margins(every)
+    expected = []
+    for domain in sorted(documents):
+        index = [k for k, item in enumerate(every) if item.domain == domain]
+        pairs = [(index[k], index[k + 1]) for k in range(0, len(index), 2)]
+        both_right = [pair for pair in pairs if min(margins[pair[0]], margins[pair[1]]) > 0]
+        both_right.sort(key=lambda pair: -min(margins[pair[0]], margins[pair[1]]))
+        expected += [(every[k].context, every[k].right, every[k].wrong) for pair in both_right for k in pair]
+    assert 0 < len(expected) < len(every)  # the model gets some pairs both ways right, not all
+    assert [(i.context, i.right, i.wrong) for i in kept] == expected
+    assert all(i.meta['margin'] > 0 and i.meta['verifier'] == 'model:reference_model' for i in kept)
+    assert [i.meta['swap_pair'] for i in kept[::2]] == [i.meta['swap_pair'] for i in kept[1::2]]
+
+
+def test_verifier_keeps_whole_pairs_up_to_per_domain_largest_smaller_margin_first():
+    items = [ContinuationItem(f'c{k}', f' r{k}', f' w{k}', 'a', {'swap_pair': k // 2}) for k in range(8)]
+    items.append(ContinuationItem('c8', ' r8', ' w8', 'a', {}))  # no partner: a group of one
+    margins = np.array([0.5, 0.2,  # pair 0: min 0.2
+                        0.9, -0.1,  # pair 1: one wrong, dropped whole
+                        0.3, 0.4,  # pair 2: min 0.3
+                        0.05, 0.8,  # pair 3: min 0.05
+                        0.25])  # single: 0.25
+    kept = keep_largest_margins(items, margins, per_domain=5, verifier_name='planted')
+    # pair 2 (0.3), the single (0.25), pair 0 (0.2); pair 3 would make 7 > 5 items
+    assert [i.context for i in kept] == ['c4', 'c5', 'c8', 'c0', 'c1']
+    assert [i.meta['margin'] for i in kept] == [0.3, 0.4, 0.25, 0.5, 0.2]
+    assert {i.meta['verifier'] for i in kept} == {'planted'}
+    assert [i.context for i in keep_largest_margins(items, margins, per_domain=2, verifier_name='p')] == ['c4', 'c5']
 
 
 class FakeChat:
