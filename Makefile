@@ -17,9 +17,9 @@ demo-tiny:        ## a 24-step run of a tiny random Llama on per-domain MDS (a m
 	$(PY) -m drp_foundry.commands.data_prep --corpus $(CORPUS) --out data/demo-tiny --train-tokenizer 2048 --max-seq-len 128
 	$(PY) train.py yamls/demo/tiny_llama.yaml variables.data_root=data/demo-tiny
 
-# parallel workers are opt-in until the suite is verified under them (one unexplained failure so far):
-#   make test WORKERS="--numprocesses auto --maxprocesses 4 --dist loadfile"
-WORKERS ?=
+# one pytest worker per core (at most 4), a test file per worker (module fixtures are built once);
+# WORKERS= runs the suite in one process
+WORKERS ?= --numprocesses auto --maxprocesses 4 --dist loadfile
 
 test:             ## the whole test suite (CPU)
 	$(PY) -m pytest -q $(WORKERS) --durations=15
