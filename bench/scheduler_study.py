@@ -414,19 +414,26 @@ def write_results_section(path: Path, section: str, content: str) -> None:
     path.write_text(text)
 
 
-def main_near_uniform(argv=None) -> int:
-    parser = argparse.ArgumentParser(description='the near-uniform preset (constant is the pilot)')
-    parser.add_argument('--preset', choices=['near-uniform'], default='near-uniform')
+def study_parser(preset: str, description: str, *, work: str, seeds: int) -> argparse.ArgumentParser:
+    """The options both presets take (corpus, work folder, seeds, policies, scale, results, report only)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--preset', choices=[preset], default=preset)
     parser.add_argument('--corpus', type=Path, default=DEMO_CORPUS)
-    parser.add_argument('--work', type=Path, default=Path('runs/scheduler_study'))
-    parser.add_argument('--seeds', type=int, default=5)
-    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--work', type=Path, default=Path(work))
+    parser.add_argument('--seeds', type=int, default=seeds)
     parser.add_argument('--policies', nargs='+', choices=POLICIES, default=POLICIES)
-    parser.add_argument('--scale', type=float, default=1.0, help='multiply every step count (timing trials)')
+    parser.add_argument('--scale', type=float, default=1.0, help='multiply the training step counts (timing trials)')
     parser.add_argument('--no-results', action='store_true', help='do not write docs/RESULTS.md')
     parser.add_argument('--report-only', action='store_true',
                         help='summarise the arms already finished in --work (none is trained); the table says '
                              'how many seeds each policy has')
+    return parser
+
+
+def main_near_uniform(argv=None) -> int:
+    parser = study_parser('near-uniform', 'the near-uniform preset (constant is the pilot)',
+                          work='runs/scheduler_study', seeds=5)
+    parser.add_argument('--threads', type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = json.loads(json.dumps(SETTINGS))
@@ -956,20 +963,13 @@ def write_ml_results(table, gates, verdict, info, p0, pnat, references, data, s,
 def main_multilingual(argv=None) -> int:
     import os
     import subprocess
-    parser = argparse.ArgumentParser(description='the multilingual preset (pre-registered)')
-    parser.add_argument('--preset', choices=['multilingual'], default='multilingual')
-    parser.add_argument('--corpus', type=Path, default=DEMO_CORPUS)
-    parser.add_argument('--work', type=Path, default=Path('runs/scheduler_study_ml'))
-    parser.add_argument('--seeds', type=int, default=4)
+    parser = study_parser('multilingual', 'the multilingual preset (pre-registered)', work='runs/scheduler_study_ml',
+                          seeds=4)
     parser.add_argument('--jobs', type=int, default=2, help='processes running arms (each single-thread)')
-    parser.add_argument('--policies', nargs='+', choices=POLICIES, default=POLICIES)
-    parser.add_argument('--scale', type=float, default=1.0, help='multiply the prune/continue steps (timing trials)')
     parser.add_argument('--pretrain-steps', type=int, default=ML_SETTINGS['pretrain_steps'],
                         help='the source\'s pretraining length (pre-registered: 2000; 4000 if G1 fails at 2000)')
     parser.add_argument('--pretrain-scale', type=float, default=None, help='multiply the pretraining steps '
                         '(timing trials; default --scale)')
-    parser.add_argument('--no-results', action='store_true', help='do not write docs/RESULTS.md')
-    parser.add_argument('--report-only', action='store_true', help='summarise the finished arms, train none')
     parser.add_argument('--source-only', action='store_true', help='build the data and the source, print gate G1, '
                         'stop (G1 is decided on the source alone, before any arm)')
     parser.add_argument('--section', default=ML_SECTION, help='the docs/RESULTS.md section written')
