@@ -970,6 +970,9 @@ def main_multilingual(argv=None) -> int:
                         help='the source\'s pretraining length (pre-registered: 2000; 4000 if G1 fails at 2000)')
     parser.add_argument('--pretrain-scale', type=float, default=None, help='multiply the pretraining steps '
                         '(timing trials; default --scale)')
+    parser.add_argument('--source-config', type=json.loads, default=None,
+                        help='JSON keys of the source\'s LlamaConfig to change (an exploratory study; the '
+                             'pre-registered source is ML_SETTINGS["model"]), e.g. \'{"hidden_size": 256}\'')
     parser.add_argument('--source-only', action='store_true', help='build the data and the source, print gate G1, '
                         'stop (G1 is decided on the source alone, before any arm)')
     parser.add_argument('--section', default=ML_SECTION, help='the docs/RESULTS.md section written')
@@ -982,6 +985,12 @@ def main_multilingual(argv=None) -> int:
     s = json.loads(json.dumps(ML_SETTINGS))
     pre_scale = args.scale if args.pretrain_scale is None else args.pretrain_scale
     s['pretrain_steps'] = max(10, int(round(args.pretrain_steps * pre_scale)))
+    if args.source_config:
+        unknown = set(args.source_config) - set(s['model'])
+        if unknown:
+            raise SystemExit(f'--source-config: {sorted(unknown)} are not source settings; '
+                             f'change any of {sorted(s["model"])}')
+        s['model'].update(args.source_config)
     for key, every in (('prune_steps', 'prune_eval_every'), ('continue_steps', 'continue_eval_every')):
         s[key] = max(s[every], int(round(s[key] * args.scale / s[every])) * s[every])
     args.work.mkdir(parents=True, exist_ok=True)
@@ -1048,8 +1057,10 @@ def main_multilingual(argv=None) -> int:
         print(write_ml_results(table, gates, verdict, info, p0, pnat, references, data, s, seeds, command, wall,
                                Path(__file__).resolve().parents[1], args.section, args.heading or (
                                    'Results (bench/scheduler_study.py, multilingual preset)'
-                                   if args.pretrain_steps == ML_SETTINGS['pretrain_steps'] else
-                                   f'The gates with a stronger source (pretrained {s["pretrain_steps"]} steps)')))
+                                   if s['model'] == ML_SETTINGS['model']
+                                   and args.pretrain_steps == ML_SETTINGS['pretrain_steps'] else
+                                   f'The gates with a stronger source ({s["model"]}, pretrained '
+                                   f'{s["pretrain_steps"]} steps)')))
     log(f'scheduler study (multilingual): {len(results)} arms, G1 {gates["G1"]["passed"]}, G2 '
         f'{gates.get("G2", {}).get("passed")}; verdict: {verdict["verdict"]}; this run '
         f'{(time.time() - start) / 60:.1f} min')

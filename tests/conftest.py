@@ -16,6 +16,16 @@ EMBEDDED_CORPUS = REPO_ROOT / 'drp_foundry' / 'demo' / 'corpus'
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with end-to-end runs (``slow``) first, each file's tests in their order.
+
+    With one worker per core (``make test``, a file per worker), the longest files then start
+    first and the short ones fill in behind them, instead of one long file running alone at the end.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker('slow')}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 def release_dead_streaming_shm() -> int:
     """Close the shared memory of StreamingDatasets that no longer exist; returns how many.
 
