@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -1050,7 +1051,7 @@ def main_multilingual(argv=None) -> int:
     verdict = reading(table, gates, s['m2_tolerance'])
     wall = info['seconds'] + sum(r['seconds'] for r in results)
     given = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ('--report-only', '--worker')]
-    command = ' '.join(['python bench/scheduler_study.py', *given])
+    command = shlex.join(['python', 'bench/scheduler_study.py', *given])
     (args.work / 'summary.json').write_text(json.dumps({'table': table, 'gates': gates, 'verdict': verdict},
                                                        indent=1, default=float))
     if not args.no_results:
