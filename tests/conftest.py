@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 def pytest_collection_modifyitems(config, items):
     """Files with end-to-end runs (``slow``) first, each file's tests in their order.
 
-    With one worker per core (``make test``, a file per worker), the longest files then start
+    Under pytest-xdist workers (``make test WORKERS=...``, a file per worker), the longest files start
     first and the short ones fill in behind them, instead of one long file running alone at the end.
     """
     slow_files = {item.path for item in items if item.get_closest_marker('slow')}
