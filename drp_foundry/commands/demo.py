@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--seed', type=int, default=17,
                         help='the training stages\' seed (variables.global_seed: initialisation, data order, mask noise)')
     parser.add_argument('--eval-every', type=int, default=20)
+    parser.add_argument('--save-every', type=int, default=60,
+                        help='training stages: steps between checkpoints (a stopped demo resumes from the last '
+                             'one; the last step is always saved). A checkpoint of the 50M model and its optimizer '
+                             'takes seconds to write, so not every eval gets one')
     parser.add_argument('--max-seq-len', type=int, default=128)
     parser.add_argument('--reference-losses', help='JSON {domain: loss} for a model of the target size')
     parser.add_argument('--fresh', action='store_true', help='delete --work first')

@@ -143,10 +143,11 @@ def train_command(yaml: str | Path, overrides: dict[str, object]) -> list[str]:
     return [sys.executable, '-m', 'composer.cli.launcher', '-n', '1', '-m', 'drp_foundry.commands.train', str(yaml), *args]
 
 
-def run_overrides(work: Path, run: str, steps: int) -> dict[str, object]:
-    """A training stage's name, length and output folders under ``work``: ``work/<run>/`` holds its
-    checkpoints, ``metrics.jsonl`` and plots."""
-    return {'variables.run_name': run, 'variables.steps': steps, 'save_folder': work / run / 'checkpoints',
+def run_overrides(work: Path, run: str, steps: int, save_every: int) -> dict[str, object]:
+    """A training stage's name, length, checkpoint interval (Composer also saves the last step) and output
+    folders under ``work``: ``work/<run>/`` holds its checkpoints, ``metrics.jsonl`` and plots."""
+    return {'variables.run_name': run, 'variables.steps': steps, 'save_interval': f'{save_every}ba',
+            'save_folder': work / run / 'checkpoints',
             'loggers.drp_jsonl.path': work / '{run_name}' / 'metrics.jsonl',
             'callbacks.drp_dynamic_loading.plot_folder': work / '{run_name}' / 'plots'}
 
@@ -466,7 +467,7 @@ def run_demo(args) -> int:
             print('  already done')
         else:
             run_logged(train_command(PRUNE_RECIPE, {
-                **common, **run_overrides(work, prune_run, args.prune_steps), 'variables.source_model': source,
+                **common, **run_overrides(work, prune_run, args.prune_steps, args.save_every), 'variables.source_model': source,
                 'algorithms.drp_mask_learner.init': args.mask_init,
                 **l0_constraint_overrides(args.constraint, args.mask_init), **extras}), logs / 'prune.log')
         print(f'  ({time.time() - t:.0f}s)')
@@ -485,7 +486,7 @@ def run_demo(args) -> int:
         print('  already done')
     else:
         run_logged(train_command(CONTINUE_RECIPE, {
-            **common, **run_overrides(work, continue_run, args.continue_steps), 'variables.model_dir': pruned_dir,
+            **common, **run_overrides(work, continue_run, args.continue_steps, args.save_every), 'variables.model_dir': pruned_dir,
             'optimizer.lr': args.continue_lr, **extras,
             'callbacks.hf_checkpointer.save_folder': work / continue_run / 'hf'}), logs / 'continue.log')
     continued_dir = work / continue_run / 'hf' / 'huggingface' / 'final'  # hf_checkpointer's layout

@@ -1,0 +1,108 @@
+"""The demo's 12-minute budget on a CPU without bf16 instructions: distillation with fewer steps, or none with more?
+
+    python bench/demo_budget.py --jobs 2          # four demo runs, two at a time, one thread each
+    python bench/demo_budget.py --report-only     # the table from the finished runs
+
+On an AVX2-only CPU the demo trains in fp32 and its 200 distilled continued steps alone take about 21
+minutes. Two arms fit about 7 minutes of continued training on 2 cores (docs/RESULTS.md, "Demo budget",
+fixed before the runs): ``distill`` (the source distilled in, alpha 0.5, 70 steps) and ``plain`` (no
+teacher, 120 steps; a step costs about 0.6x). Each arm is the demo itself (``drp-demo --continue-steps N
+--distill-alpha A --seed S``, everything else at its defaults) for seeds 17 and 18, paired. Scored: the
+demo's own final table (continued model, mean and worst of the seven domains, nats/token on 16 x 128
+held-out tokens per domain). Cost: the CPU seconds of each run (``os.wait4``: the demo and every stage it
+waited for), the fair figure when two runs share the cores. Writes its section of docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SECTION = 'demo_budget'
+ARMS = {'distill': {'continue_steps': 70, 'distill_alpha': 0.5}, 'plain': {'continue_steps': 120, 'distill_alpha': 0.0}}
+SEEDS = (17, 18)
+
+_spec = importlib.util.spec_from_file_location('scheduler_study', Path(__file__).resolve().with_name('scheduler_study.py'))
+_study = sys.modules['scheduler_study'] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_study)
+paired, write_results_section = _study.paired, _study.write_results_section
+
+
+def run_arm(work: Path, source: Path, arm: str, seed: int) -> dict:
+    """One demo run (skipped when its report exists); returns the report with the run's CPU seconds."""
+    folder = work / f'{arm}-{seed}'
+    report_path, cost_path = folder / 'demo_drpruning.json', folder / 'cpu_seconds.json'
+    if report_path.exists() and cost_path.exists():
+        return {**json.loads(report_path.read_text()), **json.loads(cost_path.read_text())}
+    settings = ARMS[arm]
+    cmd = [sys.executable, '-m', 'drp_foundry.commands.demo', '--work', str(folder), '--source', str(source),
+           '--seed', str(seed), '--continue-steps', str(settings['continue_steps']),
+           '--distill-alpha', str(settings['distill_alpha'])]
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
+    started = time.time()
+    with open(folder / 'demo.log', 'w') as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f'{arm} seed {seed} failed; log: {folder / "demo.log"}')
+    cost = {'cpu_s': round(usage.ru_utime + usage.ru_stime, 1), 'bench_wall_s': round(time.time() - started, 1)}
+    cost_path.write_text(json.dumps(cost))
+    return {**json.loads(report_path.read_text()), **cost}
+
+
+def mean_worst(losses: dict[str, float]) -> tuple[float, float]:
+    return sum(losses.values()) / len(losses), max(losses.values())
+
+
+def report(results: dict[tuple[str, int], dict], command: str) -> str:
+    lines = [f'Command: `{command}`', '',
+             '| arm | continued steps | distillation alpha | seed | mean | worst | CPU (s) |', '|---|---:|---:|---:|---:|---:|---:|']
+    for (arm, seed), r in sorted(results.items()):
+        mean, worst = mean_worst(r['losses']['continued'])
+        lines.append(f'| {arm} | {ARMS[arm]["continue_steps"]} | {ARMS[arm]["distill_alpha"]} | {seed} | {mean:.3f} | '
+                     f'{worst:.3f} | {r["cpu_s"]:.0f} |')
+    lines.append('')
+    for metric, index in (('mean', 0), ('worst', 1)):
+        plain = [mean_worst(results[('plain', s)]['losses']['continued'])[index] for s in SEEDS]
+        distill = [mean_worst(results[('distill', s)]['losses']['continued'])[index] for s in SEEDS]
+        d = paired(plain, distill)
+        lines.append(f'- plain - distill, {metric}: {d["mean"]:+.3f} ± {d["se"]:.3f} (SE over {len(SEEDS)} paired seeds; '
+                     f'95% t interval [{d["lo"]:+.3f}, {d["hi"]:+.3f}]); per seed '
+                     + ', '.join(f'{p - q:+.3f}' for p, q in zip(plain, distill)))
+    cpu = {arm: sum(results[(arm, s)]['cpu_s'] for s in SEEDS) / len(SEEDS) for arm in ARMS}
+    lines.append(f'- CPU seconds per run, mean: distill {cpu["distill"]:.0f}, plain {cpu["plain"]:.0f} '
+                 f'(plain / distill {cpu["plain"] / cpu["distill"]:.2f})')
+    return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--work', type=Path, default=Path('runs/demo_budget'))
+    parser.add_argument('--source', type=Path, default=Path('models/smollm2-135m'))
+    parser.add_argument('--jobs', type=int, default=1)
+    parser.add_argument('--report-only', action='store_true')
+    args = parser.parse_args(argv)
+    keys = [(arm, seed) for seed in SEEDS for arm in ARMS]
+    if args.report_only:
+        missing = [k for k in keys if not (args.work / f'{k[0]}-{k[1]}' / 'cpu_seconds.json').exists()]
+        if missing:
+            raise SystemExit(f'not finished: {missing}; run without --report-only')
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = dict(zip(keys, pool.map(lambda k: run_arm(args.work.resolve(), args.source.resolve(), *k), keys)))
+    body = report(done, 'python bench/demo_budget.py --jobs 2')
+    write_results_section(REPO / 'docs' / 'RESULTS.md', SECTION, '### Results (`bench/demo_budget.py`)\n\n' + body)
+    print(body)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
