@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from drp_foundry.run_lock import LOCK_NAME
+
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ['arxiv', 'github', 'wiki']
 STEPS = 12
@@ -192,12 +194,13 @@ def kill_and_resume(work: Path, data: Path, kill_points: Sequence[int], ranks: i
     run_dir = work / f'killed-n{ranks}'
     run_dir.mkdir(parents=True)
     cfg = write_config(work / f'{run_dir.name}.yaml', data, run_dir)
-    result: dict = {'run_dir': run_dir, 'killed_at_step': [], 'seconds': [], 'logs': []}
+    result: dict = {'run_dir': run_dir, 'killed_at_step': [], 'seconds': [], 'logs': [], 'lock_left': []}
     for kill_after in kill_points:
         rc, log, seconds = run(cfg, run_dir, ranks, kill_after=kill_after)
         assert rc == -signal.SIGKILL, f'the run was not killed (rc={rc}):\n{log[-3000:]}'
         assert not (run_dir / 'checkpoints' / f'ep0-ba{STEPS}-rank0.pt').exists(), 'killed after the end'
         result['killed_at_step'].append(last_step(run_dir / 'metrics.jsonl'))
+        result['lock_left'].append((run_dir / 'checkpoints' / LOCK_NAME).exists())
         result['seconds'].append(seconds)
         result['logs'].append(log)
     rc, log, seconds = run(cfg, run_dir, ranks)

@@ -1,6 +1,7 @@
 """One live run per save_folder (issue 28): a second ``train.py`` is refused, a killed one leaves no stuck lock.
 
-The runs are the tiny GQA pruning run of tests/resume_harness.py (12 batches, checkpoint every 2).
+The runs are the tiny GQA pruning run of tests/resume_harness.py (12 batches, checkpoint every 2). That a lock left by
+a SIGKILLed train.py does not block its rerun is asserted by tests/test_kill_resume.py, which kills one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from resume_harness import (
     command,
     first_difference,
     read_logged,
-    run,
     uninterrupted,
     write_config,
 )
@@ -113,17 +113,3 @@ def test_two_train_py_on_one_save_folder_the_second_is_refused_and_the_first_is_
     for name in checkpoints:
         assert _same_tensors(_model_tensors(alone / 'checkpoints' / name),
                              _model_tensors(run_dir / 'checkpoints' / name)), name
-
-
-@pytest.mark.slow
-def test_a_killed_train_py_does_not_block_its_rerun(tmp_path, sample_dir):
-    data = build_data(sample_dir, tmp_path)
-    run_dir = tmp_path / 'killed'
-    run_dir.mkdir()
-    cfg = write_config(tmp_path / 'killed.yaml', data, run_dir)
-    rc, log, _ = run(cfg, run_dir, kill_after=4)
-    assert rc == -signal.SIGKILL, log[-3000:]
-    assert (run_dir / 'checkpoints' / LOCK_NAME).exists()  # left behind by the kill
-    rc, log, _ = run(cfg, run_dir)
-    assert rc == 0 and 'in use by a live run' not in log, log[-3000:]
-    assert (run_dir / 'checkpoints' / f'ep0-ba{STEPS}-rank0.pt').exists()

@@ -223,3 +223,14 @@ def test_sheared_continues_from_its_end_of_pruning_mixture():
     assert study.ml_policy_config('sheared', {'EN': 1.0})['clip_excess_at_zero'] is False
     assert study.ml_policy_config('constant', {'EN': 1.0}) == {'name': 'constant'}
     assert study.ml_arms([0, 1], study.POLICIES)[0] == ('constant', 0)  # G2 reads it first
+
+
+def test_an_unknown_source_config_key_is_refused_naming_the_valid_ones(tmp_path):
+    study = _study()
+    with pytest.raises(SystemExit) as err:
+        study.main_multilingual(['--work', str(tmp_path / 'w'), '--source-config', '{"hidden": 256}'])
+    message = str(err.value)
+    assert "['hidden'] are not source settings" in message
+    for key in study.ML_SETTINGS['model']:
+        assert key in message
+    assert not (tmp_path / 'w').exists()  # refused before anything was written
