@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -257,24 +258,47 @@ def _stale_source(cfg: dict, c: Ctx, folder: Path) -> None:
     cfg['train_loader']['dataset']['data_root'] = str(data)
 
 
-def refused_train_run(folder: Path) -> str:
-    """``train.py folder/cfg.yaml`` in ``folder``: it must stop before the Trainer is built, without a traceback;
-    returns its stderr (the message)."""
-    result = subprocess.run([sys.executable, str(REPO / 'train.py'), str(folder / 'cfg.yaml')],
-                            capture_output=True, text=True, cwd=folder, timeout=300)
-    assert result.returncode != 0
-    assert 'Building trainer' not in result.stdout + result.stderr and 'Traceback' not in result.stderr
-    return result.stderr
+def refused_train_run(folder: Path, fresh_interpreter: bool = False) -> str:
+    """``train.py folder/cfg.yaml`` in ``folder``: it must stop before LLM-Foundry's train entry, without a
+    traceback; returns the message.
+
+    By default in this process: ``drp_foundry.commands.train.main`` (all train.py runs) with LLM-Foundry's
+    ``train_from_yaml`` replaced by a failure, so it must end in ``SystemExit`` with a message (what the
+    script prints, exit 1, no traceback). ``fresh_interpreter``: the real script in a new interpreter (one
+    row does this; each costs an LLM-Foundry import, about 16 s of CPU)."""
+    if fresh_interpreter:
+        result = subprocess.run([sys.executable, str(REPO / 'train.py'), str(folder / 'cfg.yaml')],
+                                capture_output=True, text=True, cwd=folder, timeout=300)
+        assert result.returncode != 0
+        assert 'Building trainer' not in result.stdout + result.stderr and 'Traceback' not in result.stderr
+        return result.stderr
+    from unittest import mock
+
+    from drp_foundry.commands import train
+
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        with mock.patch('llmfoundry.command_utils.train_from_yaml',
+                        side_effect=AssertionError("LLM-Foundry's train entry was reached")):
+            with pytest.raises(SystemExit) as err:
+                train.main([str(folder / 'cfg.yaml')])
+    finally:
+        os.chdir(here)
+    message = err.value.code
+    assert isinstance(message, str), f'exit without a message: {message!r}'
+    return message
 
 
-def _train_subprocess(edit: Callable[[dict, Ctx, Path], None]) -> Callable[[Ctx, str], str]:
-    """The real ``train.py``: exits with the message and never reaches LLM-Foundry's trainer."""
+def _train_subprocess(edit: Callable[[dict, Ctx, Path], None],
+                      fresh_interpreter: bool = False) -> Callable[[Ctx, str], str]:
+    """train.py's entry: exits with the message and never reaches LLM-Foundry's trainer."""
     def run(c: Ctx, name: str) -> str:
         folder = c.case_dir(name)
         cfg = copy.deepcopy(c.config)
         edit(cfg, c, folder)
         (folder / 'cfg.yaml').write_text(json.dumps(cfg))
-        return refused_train_run(folder)
+        return refused_train_run(folder, fresh_interpreter)
     return run
 
 
@@ -464,7 +488,8 @@ CASES = [
      ["domains ['github'] are not in", 'manifest.json']),
     ('train', 'other-tokenizer', config_case(_other_tokenizer), ['tokenizer.name', 'is not the tokenizer']),
     ('train', 'stale-source', config_case(_stale_source), ['wiki.jsonl changed since', 'stale']),
-    ('train', 'train-py-exits-before-building', _train_subprocess(_set('algorithms.drp_mask_learner.target.hidden', 500)),
+    ('train', 'train-py-exits-before-building', _train_subprocess(_set('algorithms.drp_mask_learner.target.hidden', 500),
+                                                                  fresh_interpreter=True),
      ['drp_mask_learner.target', 'hidden']),
     ('train', 'train-py-no-manifest', _train_subprocess(_with_data(lambda d: (d / 'manifest.json').unlink())),
      ['has no manifest.json']),
