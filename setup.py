@@ -24,6 +24,8 @@ ENTRY_POINTS = {
         'drp_multidomain = drp_foundry.composer.multidomain_dataloader:build_multidomain_dataloader',
         # only raises: `drp_domain_evals` entries are expanded by the config transform below
         'drp_domain_evals = drp_foundry.composer.domain_eval_loaders:refuse_unexpanded',
+        # LLM-Foundry's `text` loader built under the node-wide streaming shm lock (what drp_domain_evals expands to)
+        'drp_text = drp_foundry.composer.domain_eval_loaders:build_drp_text_dataloader',
     ],
     # LLM-Foundry's train entry applies every registered config transform (transforms='all')
     'llmfoundry_config_transforms': [

@@ -53,7 +53,9 @@ def build_data(shared_sample: Path, work: Path) -> Path:
 
 
 def write_config(path: Path, data_root: Path, run_dir: Path) -> Path:
-    loaders = [{'label': d, 'name': 'text', 'drop_last': False, 'num_workers': 0, 'prefetch_factor': None,
+    # drp_text: Foundry's text loader built under the streaming shm lock (the 2-rank run of this harness shares
+    # the machine with other test workers' jobs)
+    loaders = [{'label': d, 'name': 'drp_text', 'drop_last': False, 'num_workers': 0, 'prefetch_factor': None,
                 'persistent_workers': False,
                 'dataset': {'local': str(data_root / d), 'split': 'eval', 'shuffle': False, 'max_seq_len': 32}}
                for d in DOMAINS]

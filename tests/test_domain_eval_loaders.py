@@ -1,5 +1,6 @@
-"""``eval_loader: {name: drp_domain_evals}``: one stock ``text`` eval loader per domain, labelled with it,
-built by LLM-Foundry's own config transforms and evaluator builder (a stock ``train.py`` included)."""
+"""``eval_loader: {name: drp_domain_evals}``: one eval loader per domain, labelled with it (``drp_text``:
+LLM-Foundry's ``text`` loader built under the streaming shm lock), built by LLM-Foundry's own config
+transforms and evaluator builder (a stock ``train.py`` included)."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def test_defaults_come_from_the_multidomain_train_loader_and_other_keys_reach_ev
     out = expand_domain_eval_loaders(copy.deepcopy(cfg))
     assert [e['label'] for e in out['eval_loaders']] == ['other', 'a', 'b']  # in place, in domain order
     a = out['eval_loaders'][1]
-    assert a == {'label': 'a', 'name': 'text', 'drop_last': False, 'num_workers': 2, 'prefetch_factor': None,
+    assert a == {'label': 'a', 'name': 'drp_text', 'drop_last': False, 'num_workers': 2, 'prefetch_factor': None,
                  'persistent_workers': True, 'pin_memory': torch.cuda.is_available(),  # pinning only helps a GPU copy
                  'dataset': {'local': '/d/a', 'split': 'eval', 'shuffle': False, 'max_seq_len': 64,
                              'remote': 's3://bucket/mds/a', 'eos_token_id': 0}}
@@ -168,8 +169,9 @@ def test_stock_foundry_train_entry_evaluates_every_domain(data_root, tiny_tokeni
     assert f"LABELS {[f'eval/{d}' for d in DOMAINS]}" in log
     for domain in DOMAINS:
         assert f'metrics/eval/{domain}/LanguageCrossEntropy' in log
-    # only the transform module (through the entry point) and the pure domain-name check it shares with the
-    # dataset's validation were imported; no other drp_foundry code ran (no pruning, scheduler or callbacks)
+    # only the transform module (through the entry point; it also builds the drp_text loaders), the pure
+    # domain-name check it shares with the dataset's validation and the shm lock were imported; no other
+    # drp_foundry code ran (no pruning, scheduler or callbacks)
     expected = ['drp_foundry', 'drp_foundry.composer', 'drp_foundry.composer.domain_eval_loaders', 'drp_foundry.data',
-                'drp_foundry.data.multidomain_config', 'drp_foundry.mixtures']
+                'drp_foundry.data.multidomain_config', 'drp_foundry.data.shm_lock', 'drp_foundry.mixtures']
     assert f'DRP_MODULES {expected}' in log

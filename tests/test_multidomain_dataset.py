@@ -340,8 +340,13 @@ def test_builder_refuses_bad_config_before_training(token_root, tiny_tokenizer):
 def test_domain_eval_loaders_build_stock_text_eval_loaders(token_root, tiny_tokenizer):
     from llmfoundry.utils.builders import build_eval_loaders
 
-    from drp_foundry.composer.domain_eval_loaders import DomainEvalsError, domain_eval_loaders
+    from drp_foundry.composer.domain_eval_loaders import (
+        DomainEvalsError,
+        domain_eval_loaders,
+        register_text_loader,
+    )
 
+    register_text_loader()  # drp_text (Foundry's text loader under the shm lock), as the config transform does
     entry = {'name': 'drp_domain_evals', 'data_root': str(token_root), 'max_seq_len': 16}
     configs = domain_eval_loaders({**entry, 'domains': ['code', 'prose']}, {})
     assert [c['label'] for c in configs] == ['code', 'prose']

@@ -124,7 +124,7 @@ def _check_loader(where: str, loader: DictConfig) -> None:
     kwargs = {k: v for k, v in om.to_container(loader, resolve=True).items() if k not in ('name', 'label')}
     check_kwargs(where, builder, kwargs, supplied_by_caller=('tokenizer', 'device_batch_size'))
     dataset = kwargs.get('dataset')
-    if loader['name'] == 'text' and isinstance(dataset, dict):
+    if loader['name'] in ('text', 'drp_text') and isinstance(dataset, dict):
         _check_local_mds(f'{where}.dataset.local', dataset.get('local'), dataset.get('remote'), dataset.get('split'))
         for stream_name, stream in (dataset.get('streams') or {}).items():
             _check_local_mds(f'{where}.dataset.streams.{stream_name}.local', stream.get('local'),
@@ -338,7 +338,7 @@ def _check_data_manifests(cfg: DictConfig) -> None:
                             {'max_seq_len': top_len, 'train_loader.dataset.max_seq_len': dataset.get('max_seq_len')})
     # `text` loaders (eval loaders, a stock train loader): a folder DATA_ROOT/<domain>[/<split>] of a data_prep build
     folders: list[tuple[str, dict]] = []
-    if loader.get('name') == 'text':
+    if loader.get('name') in ('text', 'drp_text'):
         folders += [(f'train_loader.dataset.streams.{name}', stream)
                     for name, stream in (dataset.get('streams') or {}).items()]
         folders.append(('train_loader.dataset', dataset))

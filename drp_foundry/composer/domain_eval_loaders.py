@@ -10,9 +10,11 @@ labelled with the domain's name. Instead of one hand-written block per domain, a
       # num_workers: 2           # any other key goes to every generated loader (`dataset:` is merged)
 
 and this module replaces the entry, before LLM-Foundry reads the config, by the list a user
-would have written: for every domain a stock ``text`` loader labelled with the domain, reading
-``<data_root>/<domain>/<split>/`` in order, without dropping the tail. The entry may also be
-one item of an ``eval_loaders`` list beside other loaders. With a train loader other than
+would have written: for every domain a ``drp_text`` loader labelled with the domain, reading
+``<data_root>/<domain>/<split>/`` in order, without dropping the tail. ``drp_text`` is LLM-Foundry's
+stock ``text`` loader (same keys, same batches), built under the node-wide lock on streaming's
+shared-memory allocation (``drp_foundry/data/shm_lock.py``): two jobs that start on one machine at
+once do not collide there. The entry may also be one item of an ``eval_loaders`` list beside other loaders. With a train loader other than
 ``drp_multidomain`` (LLM-Foundry's ``text``, say), give ``data_root``, ``domains`` and
 ``max_seq_len`` in the entry.
 
@@ -42,6 +44,7 @@ from typing import Any
 from drp_foundry.data.multidomain_config import check_domain_names
 
 NAME = 'drp_domain_evals'
+TEXT_LOADER = 'drp_text'  # the loader each domain gets: LLM-Foundry's `text`, built under the shm lock
 # Keys the entry itself takes; every other key is copied into each generated loader.
 ENTRY_KEYS = ('name', 'data_root', 'remote_root', 'domains', 'split', 'max_seq_len', 'dataset')
 # Defaults of each generated loader (an eval split is small and read once per eval). Pinned host memory only
@@ -69,7 +72,7 @@ def _train_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def domain_eval_loaders(entry: dict[str, Any], cfg: dict[str, Any], where: str = 'eval_loader',
                         check_folders: bool = True) -> list[dict[str, Any]]:
-    """The ``text`` eval loader configs one ``drp_domain_evals`` entry stands for (in domain order)."""
+    """The ``drp_text`` eval loader configs one ``drp_domain_evals`` entry stands for (in domain order)."""
     train = _train_dataset(cfg)
     if 'label' in entry:
         raise DomainEvalsError(f'{where}.label: not used by {NAME}; each generated loader is labelled with its '
@@ -105,7 +108,7 @@ def domain_eval_loaders(entry: dict[str, Any], cfg: dict[str, Any], where: str =
         if remote_root:
             dataset['remote'] = os.path.join(str(remote_root), domain)
         dataset.update(copy.deepcopy(extra_dataset))
-        loaders.append({'label': domain, 'name': 'text', **loader_defaults(), **copy.deepcopy(loader_keys),
+        loaders.append({'label': domain, 'name': TEXT_LOADER, **loader_defaults(), **copy.deepcopy(loader_keys),
                         'dataset': dataset})
     return loaders
 
@@ -119,12 +122,13 @@ def uses_domain_evals(cfg: Mapping[str, Any]) -> bool:
 
 
 def expand_domain_eval_loaders(cfg: dict[str, Any], check_folders: bool = True) -> dict[str, Any]:
-    """LLM-Foundry config transform: every ``drp_domain_evals`` entry becomes one ``text`` loader per domain.
+    """LLM-Foundry config transform: every ``drp_domain_evals`` entry becomes one ``drp_text`` loader per domain.
 
     Takes and returns the plain (resolved) config dict; a config without such an entry comes back unchanged.
     """
     if not uses_domain_evals(cfg):
         return cfg
+    register_text_loader()
     cfg = dict(cfg)
     single = cfg.get('eval_loader')
     if isinstance(single, dict):
@@ -152,6 +156,17 @@ def expand_domain_eval_loaders(cfg: dict[str, Any], check_folders: bool = True) 
     return cfg
 
 
+def register_text_loader() -> None:
+    """Make sure ``drp_text`` resolves: an install whose metadata predates the entry point (``pip install -e .``
+    not rerun since) gets it registered here, in the process that expands the entry."""
+    try:
+        from llmfoundry import registry
+    except ImportError:  # no LLM-Foundry: nothing will build the loaders here
+        return
+    if TEXT_LOADER not in registry.dataloaders:  # (loads only that entry point; get_all() would load them all)
+        registry.dataloaders.register(TEXT_LOADER, func=build_drp_text_dataloader)
+
+
 def refuse_unexpanded(*args: Any, **kwargs: Any):
     """Registered as the dataloader ``drp_domain_evals``: reached only when config transforms did not run."""
     del args, kwargs
@@ -160,3 +175,24 @@ def refuse_unexpanded(*args: Any, **kwargs: Any):
                            f'{NAME!r}, applied with transforms="all") by one text loader per domain; check that '
                            'drp-foundry is installed (pip install -e .) and that your train script calls '
                            'llmfoundry.command_utils.train.train or applies config transforms')
+
+
+def build_drp_text_dataloader(tokenizer: Any, device_batch_size: int | float, dataset: dict[str, Any],
+                              drop_last: bool, num_workers: int, pin_memory: bool = True, prefetch_factor: int = 2,
+                              persistent_workers: bool = True, timeout: int = 0):
+    """Registered as the dataloader ``drp_text``: LLM-Foundry's ``text`` loader, built under the streaming shm lock.
+
+    The signature is ``llmfoundry.data.text_data.build_text_dataloader``'s (the pre-flight checks the keys
+    against it). Every rank builds it (LLM-Foundry builds every eval loader on every rank), so the lock's
+    collective entry and exit line up; the StreamingDataset, and with it its shared-memory prefix, is made
+    here in the main process, not in DataLoader workers.
+    """
+    from llmfoundry.data.text_data import build_text_dataloader
+
+    from drp_foundry.data.shm_lock import node_shm_lock
+
+    with node_shm_lock():
+        return build_text_dataloader(tokenizer=tokenizer, device_batch_size=device_batch_size, dataset=dataset,
+                                     drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
+                                     prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                                     timeout=timeout)

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from composer.core import State
 
-from drp_foundry.composer.domain_eval_loaders import domain_eval_loaders
+from drp_foundry.composer.domain_eval_loaders import build_drp_text_dataloader, domain_eval_loaders
 
 DEFAULT_LOSS_METRIC = 'LanguageCrossEntropy'
 EVAL_LABEL_PREFIX = 'eval/'  # LLM-Foundry names the evaluator of `label: wiki` "eval/wiki"
@@ -72,7 +72,6 @@ def evaluate_domains(model_dir: str | Path, data_root: str | Path, domains: Sequ
     import torch
     from composer import Trainer
     from composer.core import Evaluator
-    from llmfoundry.data.dataloader import build_dataloader
     from llmfoundry.utils.builders import build_composer_model, build_tokenizer
 
     from drp_foundry.composer.harmless_warnings import filter_harmless_warnings
@@ -90,7 +89,8 @@ def evaluate_domains(model_dir: str | Path, data_root: str | Path, domains: Sequ
              'max_seq_len': int(max_seq_len)}
     for cfg in domain_eval_loaders(entry, {}, where='evaluate_domains'):
         label = cfg.pop('label')
-        spec = build_dataloader(cfg, tokenizer, batch_size)
+        del cfg['name']  # drp_text, whose builder is called directly (no registry lookup)
+        spec = build_drp_text_dataloader(tokenizer=tokenizer, device_batch_size=batch_size, **cfg)  # under the shm lock
         evaluators.append(Evaluator(label=f'eval/{label}', dataloader=spec, metric_names=['LanguageCrossEntropy'],
                                     subset_num_batches=max_batches or -1))
     # an eval-only Trainer: an optimizer that never steps, so Composer does not make (and warn about) its default

@@ -35,9 +35,9 @@ domain no share are refused, not normalised.
 The stream is infinite (a domain that runs out starts a reshuffled pass), so give
 ``max_duration`` in batches or tokens, not epochs. ``drop_last`` must stay true.
 
-Eval: the ``drp_domain_evals`` eval-loader entry (``domain_eval_loaders.py``) stands for one stock
-``text`` eval loader per domain with ``label: <domain>``, so Composer logs
-``metrics/eval/<domain>/LanguageCrossEntropy``.
+Eval: the ``drp_domain_evals`` eval-loader entry (``domain_eval_loaders.py``) stands for one ``drp_text``
+(LLM-Foundry's ``text``, built under the streaming shm lock) eval loader per domain with ``label: <domain>``,
+so Composer logs ``metrics/eval/<domain>/LanguageCrossEntropy``.
 """
 
 from __future__ import annotations

@@ -43,6 +43,10 @@ the effective batch never see the change (the segment starts there), batches fro
 always do. A larger explicit lag is allowed; the same explicit lag gives the same samples
 for every ``num_workers``. Requires the DataLoader's default ``in_order=True``.
 
+Start-up: the StreamingDataset is built under ``shm_lock.node_shm_lock`` (a node-wide lock held by the
+local leader while every rank builds), so two jobs starting at once on one machine do not collide in
+streaming's shared-memory prefix allocation.
+
 Resumption: ``state_dict(num_samples, from_beginning)`` (called by Composer with the
 global samples consumed) holds O(domains x P) numbers: the sample index, per-share per-domain
 counts there, P, and the mixture segments from there on (including changes not yet in effect).
@@ -90,6 +94,7 @@ from drp_foundry.data.node_shares import (
     rank_batch_positions,
     share_of_positions,
 )
+from drp_foundry.data.shm_lock import node_shm_lock
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +326,12 @@ class MultiDomainStreamingDataset(IterableDataset):
         if empty:
             raise ValueError(f'domains {empty} have no samples in their MDS index; remove them from '
                              f'`domains` or rebuild their shards.')
-        self._streams_dataset = StreamingDataset(streams=list(streams), shuffle=False,
-                                                 batch_size=self.device_batch_size,
-                                                 **dict(streaming_kwargs or {}))
+        # streaming allocates its shared-memory prefix in __init__ (here, in the main process: DataLoader
+        # workers get this object, forked or pickled, and attach to that prefix): under the node-wide lock
+        with node_shm_lock():
+            self._streams_dataset = StreamingDataset(streams=list(streams), shuffle=False,
+                                                     batch_size=self.device_batch_size,
+                                                     **dict(streaming_kwargs or {}))
         self.domain_sizes = self._streams_dataset.samples_per_stream.astype(np.int64).copy()
         self.domain_offsets = self._streams_dataset.sample_offset_per_stream.astype(np.int64).copy()
         self.shard_offsets = self._streams_dataset.shard_offset_per_stream.astype(np.int64).copy()
