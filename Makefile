@@ -17,15 +17,13 @@ demo-tiny:        ## a 24-step run of a tiny random Llama on per-domain MDS (a m
 	$(PY) -m drp_foundry.commands.data_prep --corpus $(CORPUS) --out data/demo-tiny --train-tokenizer 2048 --max-seq-len 128
 	$(PY) train.py yamls/demo/tiny_llama.yaml variables.data_root=data/demo-tiny
 
-# one process by default. Workers are opt-in:
-#   make test WORKERS="--numprocesses auto --maxprocesses 4 --dist loadfile"
-# Two jobs that build StreamingDatasets at the same moment on one machine could collide in streaming 0.12's
-# shared-memory prefix allocation (each non-leader rank looks for a free prefix on its own), which failed a
-# 2-rank test once under workers. Our loaders (drp_multidomain, drp_text: what drp_domain_evals expands to)
-# now build them under a node-wide lock (drp_foundry/data/shm_lock.py), so two drp-foundry jobs no longer
-# collide. Not covered: stock streaming datasets built outside our loaders (test_data_prep and
-# test_smollm2_pipeline build some directly; test_domain_eval_loaders runs a stock `text` train loader).
-WORKERS ?=
+# One pytest worker per core (at most 4), a test file per worker, the files with end-to-end runs first
+# (tests/conftest.py); WORKERS= runs one process. Two jobs that build StreamingDatasets at the same moment on
+# one machine could collide in streaming 0.12's shared-memory prefix allocation; our loaders (drp_multidomain,
+# drp_text: what drp_domain_evals expands to) and the tests that build one directly take a node-wide lock
+# for it (drp_foundry/data/shm_lock.py). Not covered: the stock `text` train loader of one end-to-end test
+# (test_domain_eval_loaders, one rank).
+WORKERS ?= --numprocesses auto --maxprocesses 4 --dist loadfile
 
 test:             ## the whole test suite (CPU)
 	$(PY) -m pytest -q $(WORKERS) --durations=15

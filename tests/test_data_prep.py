@@ -36,7 +36,10 @@ def small_corpus(tmp_path, sample_dir) -> Path:
 def _read_split(folder: Path) -> np.ndarray:
     from streaming import StreamingDataset
 
-    ds = StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
+    from drp_foundry.data.shm_lock import node_shm_lock
+
+    with node_shm_lock():  # as our loaders build theirs: no collision with a job starting beside this one
+        ds = StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
     return np.stack([ds[i]['tokens'] for i in range(len(ds))])
 
 

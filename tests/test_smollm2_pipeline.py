@@ -56,12 +56,14 @@ def test_per_domain_loss_matches_plain_transformers(smollm2_dir, smollm2_mds):
     from transformers import AutoModelForCausalLM
 
     from drp_foundry.composer.domain_eval_losses import evaluate_domains
+    from drp_foundry.data.shm_lock import node_shm_lock
 
     ours = evaluate_domains(smollm2_dir, smollm2_mds, DOMAINS, max_seq_len=128, batch_size=3)
 
     plain = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), torch_dtype=torch.float32).eval()
     for d in DOMAINS:
-        ds = StreamingDataset(local=str(smollm2_mds / d / 'eval'), shuffle=False, batch_size=1)
+        with node_shm_lock():  # as our loaders build theirs: no collision with a job starting beside this one
+            ds = StreamingDataset(local=str(smollm2_mds / d / 'eval'), shuffle=False, batch_size=1)
         ids = torch.from_numpy(np.stack([ds[i]['tokens'] for i in range(len(ds))]).astype(np.int64))
         with torch.no_grad():
             reference = plain(input_ids=ids, labels=ids).loss.item()
