@@ -980,6 +980,10 @@ def main_multilingual(argv=None) -> int:
     parser.add_argument('--heading', default=None, help='the section\'s heading (default: from the settings)')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = set(args.source_config or {}) - set(ML_SETTINGS['model'])
+    if unknown:  # refused before anything changes (threads, log levels, files)
+        raise SystemExit(f'--source-config: {sorted(unknown)} are not source settings; '
+                         f'change any of {sorted(ML_SETTINGS["model"])}')
     torch.set_num_threads(1)
     import logging
     logging.getLogger('drp_foundry').setLevel(logging.ERROR)
@@ -987,10 +991,6 @@ def main_multilingual(argv=None) -> int:
     pre_scale = args.scale if args.pretrain_scale is None else args.pretrain_scale
     s['pretrain_steps'] = max(10, int(round(args.pretrain_steps * pre_scale)))
     if args.source_config:
-        unknown = set(args.source_config) - set(s['model'])
-        if unknown:
-            raise SystemExit(f'--source-config: {sorted(unknown)} are not source settings; '
-                             f'change any of {sorted(s["model"])}')
         s['model'].update(args.source_config)
     for key, every in (('prune_steps', 'prune_eval_every'), ('continue_steps', 'continue_eval_every')):
         s[key] = max(s[every], int(round(s[key] * args.scale / s[every])) * s[every])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from pathlib import Path
 
@@ -227,6 +228,7 @@ def test_sheared_continues_from_its_end_of_pruning_mixture():
 
 def test_an_unknown_source_config_key_is_refused_naming_the_valid_ones(tmp_path):
     study = _study()
+    level = logging.getLogger('drp_foundry').level
     with pytest.raises(SystemExit) as err:
         study.main_multilingual(['--work', str(tmp_path / 'w'), '--source-config', '{"hidden": 256}'])
     message = str(err.value)
@@ -234,3 +236,4 @@ def test_an_unknown_source_config_key_is_refused_naming_the_valid_ones(tmp_path)
     for key in study.ML_SETTINGS['model']:
         assert key in message
     assert not (tmp_path / 'w').exists()  # refused before anything was written
+    assert logging.getLogger('drp_foundry').level == level  # nor the log level changed
