@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_bench_runs_on_random_models_and_ends_with_the_ratio():
     result = subprocess.run([sys.executable, str(REPO / 'bench' / 'cpu_autocast_step.py'), '--random', '--steps', '1',
                              '--seq', '16', '--threads', '1'], capture_output=True, text=True, timeout=300)

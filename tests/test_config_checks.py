@@ -79,6 +79,7 @@ def test_missing_domain_folder_names_the_path(data_root):
         check_train_config(_cfg(data_root))
 
 
+@pytest.mark.slow
 def test_train_script_exits_with_the_message(data_root):
     result = subprocess.run([sys.executable, str(REPO / 'train.py'), str(TINY), f'variables.data_root={data_root}',
                              'max_durration=3ba'], capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -172,6 +172,7 @@ def test_build_rejects_bad_input(tmp_path):
 # ----------------------------------------------------------------------------- scorer
 
 
+@pytest.mark.slow
 def test_log_likelihood_matches_the_model_loss_and_is_batch_invariant(trained_model, tiny_tokenizer, offline_items):
     item = offline_items[0]
     context_ids = tiny_tokenizer.encode(item.context, add_special_tokens=False)
@@ -203,6 +204,7 @@ def test_normalisation_decides_between_long_and_short_continuations():
         report.accuracy('per_byte')
 
 
+@pytest.mark.slow
 def test_trained_model_beats_untrained_on_every_domain_report(trained_model, untrained_model, tiny_tokenizer,
                                                               offline_items, domains):
     trained = score_items(trained_model, tiny_tokenizer, offline_items, batch_size=32)
@@ -214,6 +216,7 @@ def test_trained_model_beats_untrained_on_every_domain_report(trained_model, unt
     assert trained.accuracy() > untrained.accuracy() + 0.02
 
 
+@pytest.mark.slow
 def test_cli_scores_a_model_directory(trained_model, tiny_tokenizer, offline_items, domains, tmp_path):
     model_dir = tmp_path / 'model'
     trained_model.save_pretrained(model_dir)
@@ -240,6 +243,7 @@ def test_read_items_names_the_bad_line(tmp_path):
 # ----------------------------------------------------------------------------- verification
 
 
+@pytest.mark.slow
 def test_model_verifier_margin_is_the_mean_log_likelihood_gap(swapped_items, trained_model, tiny_tokenizer):
     items = swapped_items[:12]
     verifier = ModelVerifier(trained_model, tiny_tokenizer, batch_size=32)
@@ -251,6 +255,7 @@ def test_model_verifier_margin_is_the_mean_log_likelihood_gap(swapped_items, tra
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_model_verifier_keeps_exactly_the_swap_pairs_it_gets_both_ways_right(split_sample, trained_model,
                                                                              tiny_tokenizer):
     # the same candidates with and without the verifier (candidates_per_item=1): the verifier keeps
@@ -423,6 +428,7 @@ def test_packaged_task_yamls_are_the_generator_output(tmp_path):
         write_task_configs(['bad domain'], tmp_path)
 
 
+@pytest.mark.slow
 def test_lm_eval_tasks_run_and_agree_with_the_scorer(trained_model, tiny_tokenizer, offline_items, domains,
                                                      tmp_path, monkeypatch):
     import lm_eval  # the `eval` extra; `make setup` installs it

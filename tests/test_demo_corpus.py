@@ -67,6 +67,7 @@ def test_the_wheel_ships_the_corpus(wheel):
     assert sum(shipped.values()) < 5_000_000
 
 
+@pytest.mark.slow
 def test_the_demo_resolves_everything_from_an_installed_wheel(wheel, tmp_path):
     """Installed with --target into a folder, run from a folder outside the checkout with only that folder on
     the path: the corpus, the recipes and the stage modules all resolve inside the installed package."""

@@ -333,6 +333,7 @@ def _rank_main(rank, world_size, init_file, out_dir):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_end_each_update_with_identical_proportions(tmp_path):
     mp.spawn(_rank_main, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
     q0, q1 = np.load(tmp_path / 'q0.npy'), np.load(tmp_path / 'q1.npy')

@@ -133,6 +133,7 @@ assert not any(name.startswith('drp_foundry') for name in sys.modules), 'loading
 '''
 
 
+@pytest.mark.slow
 def test_exported_folder_loads_with_plain_transformers(tmp_path):
     folders, expected = [], []
     for model_type in ('llama', 'qwen2'):

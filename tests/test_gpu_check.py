@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'bench' / 'gpu_check.sh'
 
@@ -22,6 +24,7 @@ def test_help_works_without_a_gpu():
     assert '--tiny' in result.stdout and 'goal <= 1.10' in result.stdout
 
 
+@pytest.mark.slow
 def test_tiny_smoke_run_reports_ratio_memory_and_exact_export():
     result = _run('--tiny')
     assert result.returncode == 0, result.stderr

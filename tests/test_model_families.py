@@ -179,6 +179,7 @@ def test_expected_size_formula_equals_exported_count(family):
     assert report.params_after < report.params_before
 
 
+@pytest.mark.slow
 def test_exports_load_with_plain_transformers_in_a_fresh_interpreter(tmp_path):
     expected = {}
     cases = {family: masked(family, GRANULARITIES, seed=3) for family in sorted(FAMILIES)}

@@ -178,6 +178,7 @@ def test_each_node_fetches_only_its_share_and_the_nodes_read_every_sample_once(s
         assert len(shared) > 0.8 * len(all_shards)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_nodes', [2, 4])
 def test_same_seed_same_order_mixture_job_wide_and_exact_resume_on_the_same_and_another_node_count(
         s3, tmp_path, num_nodes):

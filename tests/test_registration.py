@@ -24,6 +24,7 @@ def test_entry_points_are_declared_for_every_component():
         assert ep.value.startswith('drp_foundry.'), ep.value
 
 
+@pytest.mark.slow
 def test_names_resolve_in_a_fresh_interpreter_without_importing_drp_foundry():
     """A stock LLM-Foundry process finds our names only through entry points."""
     pairs = [(ep.group.removeprefix('llmfoundry_'), ep.name, ep.value) for ep in _our_registry_entry_points()]
