@@ -79,9 +79,26 @@ def report(results: dict[tuple[str, int], dict], command: str) -> str:
                      f'95% t interval [{d["lo"]:+.3f}, {d["hi"]:+.3f}]); per seed '
                      + ', '.join(f'{p - q:+.3f}' for p, q in zip(plain, distill)))
     cpu = {arm: sum(results[(arm, s)]['cpu_s'] for s in SEEDS) / len(SEEDS) for arm in ARMS}
+    cost_ratio = cpu['plain'] / cpu['distill']
     lines.append(f'- CPU seconds per run, mean: distill {cpu["distill"]:.0f}, plain {cpu["plain"]:.0f} '
-                 f'(plain / distill {cpu["plain"] / cpu["distill"]:.2f})')
+                 f'(plain / distill {cost_ratio:.2f}; premise: at most 1.15 -> '
+                 f'{"met" if cost_ratio <= 1.15 else "NOT met: the arms are not at equal cost"})')
+    lines.append('- **Reading** (fixed before the runs): ' + reading(results))
     return '\n'.join(lines)
+
+
+def reading(results: dict[tuple[str, int], dict]) -> str:
+    """The pre-registered rule: the lower mean over both seeds wins if both seeds agree in sign, else distill stays."""
+    diffs = [mean_worst(results[('plain', s)]['losses']['continued'])[0]
+             - mean_worst(results[('distill', s)]['losses']['continued'])[0] for s in SEEDS]
+    if all(d < 0 for d in diffs):
+        return f'both seeds favour `plain` on the mean: the demo trains without distillation, ' \
+               f'{ARMS["plain"]["continue_steps"]} continued steps'
+    if all(d > 0 for d in diffs):
+        return f'both seeds favour `distill` on the mean: the demo keeps distillation, ' \
+               f'{ARMS["distill"]["continue_steps"]} continued steps'
+    return f'the seeds disagree: the data cannot separate the arms; distillation stays, ' \
+           f'{ARMS["distill"]["continue_steps"]} continued steps'
 
 
 def main(argv: list[str] | None = None) -> int:

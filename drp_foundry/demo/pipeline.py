@@ -6,12 +6,13 @@ Each stage is the command a user runs on GPUs, chained::
     2. eval source          per-domain loss of SmolLM2-135M
     3. prune, by one of two paths (``--path``):
        l0:      composer -m drp_foundry.commands.train RECIPE smollm2_prune.yaml   L0 masks + Lagrangian + scheduler
-                (masks importance-initialised and the source distilled in, unless switched off)
+                (masks importance-initialised; the source distilled in with ``--distill-alpha``)
        oneshot: drp-prune-oneshot SOURCE OUT --target ... --calibration DATA   (activation importance)
     4. drp-export CHECKPOINT OUT_DIR      (l0) fold masks, slice, HF directory
     5. composer -m drp_foundry.commands.train RECIPE smollm2_continue.yaml   continued pretraining, same scheduler,
-       distilling the source model (drp_distillation) unless ``--distill-alpha 0``, bf16 autocast where the
-       CPU has bf16 instructions (``--precision auto``, the default; ``fp32`` / ``bf16`` force one)
+       the source model distilled in (drp_distillation) only with ``--distill-alpha A`` (default 0: within the
+       demo's 12 minutes, 120 plain steps scored as well as 70 distilled ones; docs/RESULTS.md, "Demo budget"),
+       bf16 autocast where the CPU has bf16 instructions (``--precision auto``, the default; ``fp32`` / ``bf16`` force one)
     6. eval pruned and continued models; table, plots, three greedy samples printed with
        generation-time repetition control (``no_repeat_ngram_size=3``, plain transformers ``generate``)
 
@@ -71,7 +72,7 @@ STAGE_MODULES = ('drp_foundry.commands.data_prep', 'drp_foundry.commands.train',
 TARGET = {'layers': 20, 'hidden': 384, 'heads': 6, 'kv_heads': 2, 'intermediate': 1024}  # smollm2_prune.yaml's
 PATHS = ('oneshot', 'l0')
 # The demo's default path: the one that gives the lowest eval loss in its CPU time budget. One-shot
-# importance pruning, then continued pretraining with distillation and the scheduler: at a CPU budget of
+# importance pruning, then continued pretraining with the scheduler: at a CPU budget of
 # about 10^5 tokens a training step of the masked 135M model costs about 2.7x a step of the 50M export
 # (12-16 s vs 4.5-5 s for 4 x 128 tokens, one thread), so every pruning step is paid in continued
 # steps, while the importance top-k is already a usable start. bench/quality_per_token.py compares the
