@@ -233,7 +233,13 @@ def test_cli_exports_sharded_checkpoint_in_bfloat16(composer_run, tmp_path):
     assert model.dtype == torch.bfloat16
     assert report.params_after == count_model_parameters(model)
     reloaded = logits(model.float().eval(), composer_run['tokens'])
-    assert torch.allclose(reloaded, composer_run['masked_logits'], atol=0.1, rtol=0.05)
+    reference = composer_run['masked_logits']
+    # bf16 keeps about 3 significant digits per weight: the logits move by a fraction of a percent overall
+    # (an element-wise bound trips on the odd logit whose rounding errors add up); a wrong fold or slice
+    # moves them by tens of percent
+    relative = float((reloaded - reference).norm() / reference.norm())
+    assert relative < 0.02, relative
+    assert (reloaded.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
 
 
 @pytest.fixture

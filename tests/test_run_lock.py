@@ -20,9 +20,7 @@ from resume_harness import (
     _env,
     build_data,
     command,
-    first_difference,
     read_logged,
-    uninterrupted,
     write_config,
 )
 
@@ -76,10 +74,9 @@ def _same_tensors(a, b) -> bool:
 
 
 @pytest.mark.slow
-def test_two_train_py_on_one_save_folder_the_second_is_refused_and_the_first_is_a_run_alone(tmp_path,
+def test_two_train_py_on_one_save_folder_the_second_is_refused_and_the_first_runs_to_the_end(tmp_path,
                                                                                             sample_dir):
     data = build_data(sample_dir, tmp_path)
-    alone = uninterrupted(tmp_path, data)['run_dir']
     run_dir = tmp_path / 'both'
     run_dir.mkdir()
     cfg = write_config(tmp_path / 'both.yaml', data, run_dir)
@@ -103,13 +100,11 @@ def test_two_train_py_on_one_save_folder_the_second_is_refused_and_the_first_is_
     assert 'is in use by a live run' in refused and f'pid {procs[winner].pid}' in refused, refused[-2000:]
     assert str(run_dir / 'checkpoints') in refused
     assert 'Building trainer' not in refused and 'Traceback' not in refused
-    # the first run is the run alone: same metrics (all but clocks), same checkpoints, no file moved aside
-    assert first_difference(read_logged(alone / 'metrics.jsonl'), read_logged(run_dir / 'metrics.jsonl')) is None
-    names = sorted(p.name for p in run_dir.iterdir())
-    assert names == sorted(p.name for p in alone.iterdir()), names
-    checkpoints = sorted(p.name for p in (alone / 'checkpoints').glob('ep*-rank0.pt'))
-    assert checkpoints == sorted(p.name for p in (run_dir / 'checkpoints').glob('ep*-rank0.pt'))
-    assert f'ep0-ba{STEPS}-rank0.pt' in checkpoints
-    for name in checkpoints:
-        assert _same_tensors(_model_tensors(alone / 'checkpoints' / name),
-                             _model_tensors(run_dir / 'checkpoints' / name)), name
+    # the refused one touched nothing of the first run's: the first ran to the end, logging every step once,
+    # and its folder holds what a run writes (the uninterrupted run of the same config is compared bitwise in
+    # tests/test_kill_resume.py)
+    logged = read_logged(run_dir / 'metrics.jsonl')
+    steps = {r['step'] for r in logged}
+    assert max(steps) == STEPS and set(range(1, STEPS + 1)) <= steps
+    assert len([r for r in logged if 'loss/train/total' in r]) == STEPS
+    assert (run_dir / 'checkpoints' / f'ep0-ba{STEPS}-rank0.pt').exists()
