@@ -415,6 +415,16 @@ def write_results_section(path: Path, section: str, content: str) -> None:
     path.write_text(text)
 
 
+def stamp_settings(work: Path, settings: dict) -> None:
+    """Write ``work/settings.json``; refuse a ``work`` folder that holds a study with other settings."""
+    work.mkdir(parents=True, exist_ok=True)
+    fingerprint = json.dumps(settings, sort_keys=True)
+    stamp = work / 'settings.json'
+    if stamp.exists() and stamp.read_text() != fingerprint:
+        raise SystemExit(f'{work} holds a study with other settings; use another --work or delete it')
+    stamp.write_text(fingerprint)
+
+
 def study_parser(preset: str, description: str, *, work: str, seeds: int) -> argparse.ArgumentParser:
     """The options both presets take (corpus, work folder, seeds, policies, scale, results, report only)."""
     parser = argparse.ArgumentParser(description=description)
@@ -440,12 +450,7 @@ def main_near_uniform(argv=None) -> int:
     s = json.loads(json.dumps(SETTINGS))
     for key in ('pretrain_steps', 'prune_steps', 'continue_steps'):
         s[key] = max(s['eval_every'], int(round(s[key] * args.scale / s['eval_every'])) * s['eval_every'])
-    args.work.mkdir(parents=True, exist_ok=True)
-    fingerprint = json.dumps(s, sort_keys=True)
-    stamp = args.work / 'settings.json'
-    if stamp.exists() and stamp.read_text() != fingerprint:
-        raise SystemExit(f'{args.work} holds a study with other settings; use another --work or delete it')
-    stamp.write_text(fingerprint)
+    stamp_settings(args.work, s)
     import logging
     logging.getLogger('drp_foundry').setLevel(logging.ERROR)
     start = time.time()
@@ -994,12 +999,7 @@ def main_multilingual(argv=None) -> int:
         s['model'].update(args.source_config)
     for key, every in (('prune_steps', 'prune_eval_every'), ('continue_steps', 'continue_eval_every')):
         s[key] = max(s[every], int(round(s[key] * args.scale / s[every])) * s[every])
-    args.work.mkdir(parents=True, exist_ok=True)
-    fingerprint = json.dumps(s, sort_keys=True)
-    stamp = args.work / 'settings.json'
-    if stamp.exists() and stamp.read_text() != fingerprint:
-        raise SystemExit(f'{args.work} holds a study with other settings; use another --work or delete it')
-    stamp.write_text(fingerprint)
+    stamp_settings(args.work, s)
     start = time.time()
     log_file = args.work / ('worker.log' if args.worker else 'main.log')
 
