@@ -35,3 +35,23 @@ def test_fidelity_lines():
     assert lines[1] == '  head: target 2, expected kept per kept layer 2..2'
     assert lines[2] == '  layer: target 20, expected 20'
     assert fidelity_lines({}) == []
+
+
+def test_every_stage_of_the_demo_passes_the_scheduler_cadence_check(tmp_path):
+    """The stages' settings as the demo builds them, through the pre-flight check train.py runs: at the demo's
+    defaults (20 pruning steps with --eval-every 20 used to be refused) and at short test lengths."""
+    from drp_foundry.commands.demo import build_parser
+    from drp_foundry.composer.domain_eval_loaders import expand_domain_eval_loaders
+    from drp_foundry.composer.preflight_checks import check_scheduler_can_act
+    from drp_foundry.demo.pipeline import CONTINUE_RECIPE, run_overrides, stage_eval_every
+
+    defaults = build_parser().parse_args([])
+    cases = [(PRUNE_RECIPE, defaults.prune_steps, defaults.eval_every), (CONTINUE_RECIPE, defaults.continue_steps,
+             defaults.eval_every), (CONTINUE_RECIPE, 6, 3), (PRUNE_RECIPE, 8, 20), (CONTINUE_RECIPE, 2, 20)]
+    for recipe, steps, eval_every in cases:
+        overrides = run_overrides(tmp_path, 'run', steps, defaults.save_every, eval_every)
+        cfg = load_train_config(recipe, [f'{k}={v}' for k, v in overrides.items()])
+        expanded = expand_domain_eval_loaders(om.to_container(cfg, resolve=True), check_folders=False)
+        check_scheduler_can_act(om.create(expanded))
+    assert stage_eval_every(120, 20) == 20 and stage_eval_every(6, 3) == 3  # a cadence that fits is kept
+    assert stage_eval_every(20, 20) == 5 and stage_eval_every(2, 20) == 1

@@ -144,10 +144,18 @@ def train_command(yaml: str | Path, overrides: dict[str, object]) -> list[str]:
     return [sys.executable, '-m', 'composer.cli.launcher', '-n', '1', '-m', 'drp_foundry.commands.train', str(yaml), *args]
 
 
-def run_overrides(work: Path, run: str, steps: int, save_every: int) -> dict[str, object]:
-    """A training stage's name, length, checkpoint interval (Composer also saves the last step) and output
-    folders under ``work``: ``work/<run>/`` holds its checkpoints, ``metrics.jsonl`` and plots."""
+def stage_eval_every(steps: int, eval_every: int) -> int:
+    """The stage's eval cadence: ``--eval-every``, unless it leaves no eval inside the stage (the scheduler
+    updates the mixture only at an eval, and the pre-flight check refuses such a run), then a quarter of it."""
+    return eval_every if eval_every < steps else max(1, steps // 4)
+
+
+def run_overrides(work: Path, run: str, steps: int, save_every: int, eval_every: int) -> dict[str, object]:
+    """A training stage's name, length, eval cadence (``stage_eval_every``), checkpoint interval (Composer also
+    saves the last step) and output folders under ``work``: ``work/<run>/`` holds its checkpoints,
+    ``metrics.jsonl`` and plots."""
     return {'variables.run_name': run, 'variables.steps': steps, 'save_interval': f'{save_every}ba',
+            'variables.eval_every': stage_eval_every(steps, eval_every),
             'save_folder': work / run / 'checkpoints',
             'loggers.drp_jsonl.path': work / '{run_name}' / 'metrics.jsonl',
             'callbacks.drp_dynamic_loading.plot_folder': work / '{run_name}' / 'plots'}
@@ -435,7 +443,7 @@ def run_demo(args) -> int:
     if args.policy != 'constant':
         print(f'  reference losses from {origin}')
     common = {'variables.data_root': data_root, 'variables.max_seq_len': args.max_seq_len,
-              'variables.eval_every': args.eval_every, 'variables.global_seed': args.seed,
+              'variables.global_seed': args.seed,
               **scheduler_overrides(args.policy, references)}
     prune_run = f'demo-prune-{args.policy}'
     pruned_dir = work / 'models' / f'pruned-{args.path}-{args.policy}'
@@ -468,7 +476,7 @@ def run_demo(args) -> int:
             print('  already done')
         else:
             run_logged(train_command(PRUNE_RECIPE, {
-                **common, **run_overrides(work, prune_run, args.prune_steps, args.save_every), 'variables.source_model': source,
+                **common, **run_overrides(work, prune_run, args.prune_steps, args.save_every, args.eval_every), 'variables.source_model': source,
                 'algorithms.drp_mask_learner.init': args.mask_init,
                 **l0_constraint_overrides(args.constraint, args.mask_init), **extras}), logs / 'prune.log')
         print(f'  ({time.time() - t:.0f}s)')
@@ -487,7 +495,7 @@ def run_demo(args) -> int:
         print('  already done')
     else:
         run_logged(train_command(CONTINUE_RECIPE, {
-            **common, **run_overrides(work, continue_run, args.continue_steps, args.save_every), 'variables.model_dir': pruned_dir,
+            **common, **run_overrides(work, continue_run, args.continue_steps, args.save_every, args.eval_every), 'variables.model_dir': pruned_dir,
             'optimizer.lr': args.continue_lr, **extras,
             'callbacks.hf_checkpointer.save_folder': work / continue_run / 'hf'}), logs / 'continue.log')
     continued_dir = work / continue_run / 'hf' / 'huggingface' / 'final'  # hf_checkpointer's layout
