@@ -27,8 +27,9 @@ def pytest_collection_modifyitems(config, items):
     """The longest files first (``LONGEST_FILES``), then the other files with end-to-end runs (``slow``),
     then the rest; each file's tests in their order.
 
-    Under pytest-xdist workers (``make test``: a file per worker), the longest files start first and the
-    short ones fill in behind them, instead of one long file running alone at the end.
+    Under pytest-xdist workers (``make test``: a file per worker, ``--no-loadscope-reorder`` so xdist keeps this
+    order), the longest files start first and the short ones fill in behind them, instead of one long file
+    running alone at the end.
     """
     slow_files = {item.path for item in items if item.get_closest_marker('slow')}
 
