@@ -34,6 +34,9 @@ def test_fidelity_lines():
     assert 'expected size 50,347,392 vs target 50,347,392 (+0.00%)' in lines[0]
     assert lines[1] == '  head: target 2, expected kept per kept layer 2..2'
     assert lines[2] == '  layer: target 20, expected 20'
+    assert not any('eval loss' in line for line in lines)  # export ran without --eval-data
+    report['fidelity'].update(masked_loss=7.11201, exported_loss=7.11204)
+    assert fidelity_lines(report)[3] == '  eval loss: masked model as trained 7.1120, exported 7.1120'
     assert fidelity_lines({}) == []
 
 

@@ -194,6 +194,9 @@ def fidelity_lines(report: dict) -> list[str]:
         lines.append(f'  {key}: target {row["target"]}, expected kept per kept layer '
                      f'{counts[0]:g}..{counts[-1]:g}' if len(row['expected']) > 1 else
                      f'  {key}: target {row["target"]}, expected {row["expected"][0]:g}')
+    if fidelity.get('masked_loss') is not None:
+        lines.append(f'  eval loss: masked model as trained {fidelity["masked_loss"]:.4f}, exported '
+                     f'{fidelity["exported_loss"]:.4f}')
     lines += [f'  warning: {w}' for w in fidelity.get('warnings') or []]
     return lines
 
@@ -484,7 +487,8 @@ def run_demo(args) -> int:
         t = _stage('4/6 export: fold masks, slice, write a HF directory')
         run_logged([sys.executable, '-m', 'drp_foundry.commands.export',
                     str(work / prune_run / 'checkpoints' / 'latest-rank0.pt'), str(pruned_dir), '--overwrite',
-                    '--source', str(source)], logs / 'export.log')
+                    '--source', str(source), '--eval-data', str(work / 'data'),
+                    '--eval-seq-len', str(args.max_seq_len)], logs / 'export.log')
         for line in fidelity_lines(json.loads((pruned_dir / 'pruning_report.json').read_text())):
             print(line)
         print(f'  ({time.time() - t:.0f}s)')
