@@ -262,8 +262,8 @@ def test_model_verifier_keeps_exactly_the_swap_pairs_it_gets_both_ways_right(spl
     # the whole pairs whose two margins are > 0, the largest smaller margin first
     documents = read_domain_documents([split_sample[1]])
     verifier = ModelVerifier(trained_model, tiny_tokenizer, batch_size=32)
-    every = build_items(documents, OtherDocumentWrongWriter(pairing='swap'), per_domain=400)
-    kept = build_items(documents, OtherDocumentWrongWriter(pairing='swap'), per_domain=400, verifier=verifier,
+    every = build_items(documents, OtherDocumentWrongWriter(pairing='swap'), per_domain=160)
+    kept = build_items(documents, OtherDocumentWrongWriter(pairing='swap'), per_domain=160, verifier=verifier,
                        candidates_per_item=1)
     margins = verifier.margins(every)
     expected = []
