@@ -594,9 +594,28 @@ _TRAINED: dict[str, Path] = {}
 def trained_run(c: Ctx) -> Path:
     """One finished tiny run (12 batches, checkpoints every 2) of the table's data, made once."""
     if 'run' not in _TRAINED:
-        from resume_harness import uninterrupted
+        # train.py's entry (drp_foundry.commands.train.main) in this process: a fresh interpreter would cost an
+        # LLM-Foundry and a Composer import (about 25 s of CPU); the real script and launcher run in
+        # tests/test_kill_resume.py, tests/test_run_lock.py and tests/test_config_checks.py
+        import torch.distributed
+        from resume_harness import write_config
 
-        _TRAINED['run'] = uninterrupted(c.work / 'trained', c.data)['run_dir']
+        from drp_foundry.commands import train
+
+        run_dir = c.work / 'trained' / 'full-n1'
+        run_dir.mkdir(parents=True)
+        config = write_config(c.work / 'trained' / 'full-n1.yaml', c.data, run_dir)
+        had_process_group = torch.distributed.is_initialized()
+        here = os.getcwd()
+        os.chdir(run_dir.parent)
+        try:
+            assert train.main([str(config)]) == 0
+        finally:
+            os.chdir(here)
+            if not had_process_group and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()  # LLM-Foundry's train made a 1-rank one
+        assert (run_dir / 'checkpoints' / 'ep0-ba12-rank0.pt').is_file()
+        _TRAINED['run'] = run_dir
     return _TRAINED['run']
 
 
