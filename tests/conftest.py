@@ -190,6 +190,19 @@ def gqa_config():
     return tiny_gqa_config()
 
 
+def load_bench(name: str, module_name: str | None = None):
+    """``bench/<name>.py`` as a module (the bench scripts are not a package). It is entered in ``sys.modules``
+    first: dataclasses look their module up there."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(module_name or name, REPO_ROOT / 'bench' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def copy_tracked_files(dest: Path) -> Path:
     """A copy of the repository's git-tracked files (as a fresh clone has them) at ``dest``; untracked and
     ignored files (models/, runs/, data/, caches) stay behind. Working-tree contents, so uncommitted edits

@@ -605,15 +605,21 @@ def trained_run(c: Ctx) -> Path:
         run_dir = c.work / 'trained' / 'full-n1'
         run_dir.mkdir(parents=True)
         config = write_config(c.work / 'trained' / 'full-n1.yaml', c.data, run_dir)
+        # what the run changes in this process goes back after it: Composer's 1-rank setup writes RANK,
+        # WORLD_SIZE, ... into os.environ (a later test's spawned ranks would inherit RANK=0) and LLM-Foundry's
+        # train makes a 1-rank process group
         had_process_group = torch.distributed.is_initialized()
+        environment = dict(os.environ)
         here = os.getcwd()
         os.chdir(run_dir.parent)
         try:
             assert train.main([str(config)]) == 0
         finally:
             os.chdir(here)
+            os.environ.clear()
+            os.environ.update(environment)
             if not had_process_group and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()  # LLM-Foundry's train made a 1-rank one
+                torch.distributed.destroy_process_group()
         assert (run_dir / 'checkpoints' / 'ep0-ba12-rank0.pt').is_file()
         _TRAINED['run'] = run_dir
     return _TRAINED['run']

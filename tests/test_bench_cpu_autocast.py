@@ -1,19 +1,13 @@
 """bench/cpu_autocast_step.py runs (tiny random models) and prints the ratio on its last line."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 def _bench():
     """The bench script as a module (in this process: it imports nothing the test session lacks)."""
-    spec = importlib.util.spec_from_file_location('cpu_autocast_step', REPO / 'bench' / 'cpu_autocast_step.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('cpu_autocast_step')
 
 
 def test_the_bench_runs_on_random_models_and_ends_with_the_ratio(capsys):

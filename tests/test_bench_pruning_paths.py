@@ -7,25 +7,15 @@ at its start, and FLOPs that count the masked source during pruning.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_bench, perturbed_tiny_gqa_model
 
-from tests.conftest import perturbed_tiny_gqa_model
-
-REPO = Path(__file__).resolve().parents[1]
 TARGET = dict(layers=3, hidden=48, heads=3, kv_heads=1, intermediate=80)
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'bench' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(name)
 
 
 @pytest.fixture(scope='module')

@@ -8,21 +8,15 @@ what the first-hour demo test and the kill/resume tests run, so it is not run ag
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import load_bench
 
 DOMAINS = ['arxiv', 'book', 'c4-rp', 'cc', 'github', 'stackexchange', 'wiki']  # the demo recipe's domains
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location('fidelity_bench', REPO_ROOT / 'bench' / 'fidelity.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('fidelity', 'fidelity_bench')
 
 
 _bench = _load_bench()

@@ -4,21 +4,15 @@ the table shows every stored path (the CPU column where it was recorded)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location('quality_per_token', REPO / 'bench' / 'quality_per_token.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('quality_per_token')
 
 
 def _args(bench, **overrides):

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location('scheduler_study', REPO / 'bench' / 'scheduler_study.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('scheduler_study')
 
 
 def _train(sizes):

@@ -9,7 +9,7 @@ import warnings
 import torch
 from composer import Trainer
 from composer.models import HuggingFaceModel
-from conftest import REPO_ROOT, tiny_gqa_config
+from conftest import REPO_ROOT, load_bench, tiny_gqa_config
 from omegaconf import OmegaConf as om
 from transformers import AutoModelForCausalLM
 
@@ -66,11 +66,7 @@ def test_silent_on_the_papers_recipe():
 
 
 def test_the_bench_settling_criterion():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location('lagrangian_settling', REPO_ROOT / 'bench' / 'lagrangian_settling.py')
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench('lagrangian_settling')
     gaps = [0.5, 0.3, 0.1, 0.01, -0.03, 0.01, 0.0, 0.005]
     rows = [0.0] * len(gaps)
     assert bench.settled_at(gaps, rows, ramp=2, tolerance=0.02) == 3  # from index 5 on: 3 steps after the ramp
