@@ -78,8 +78,9 @@ setup(
     ],
     extras_require={
         'gpu': ['flash-attn==2.7.4.post1'],
-        # moto: local S3 server for the remote-stream tests and bench; pytest-xdist: `make test` runs on every core
-        'dev': ['pytest>=7', 'pytest-xdist>=3.5', 'ruff>=0.4', 'moto[server]==5.2.5'],
+        # moto: local S3 server for the remote-stream tests and bench; pytest-xdist: `make test` runs on every core;
+        # pytest-timeout: a test that hangs fails with its traceback instead of holding CI to its limit
+        'dev': ['pytest>=7', 'pytest-xdist>=3.5', 'pytest-timeout>=2.3', 'ruff>=0.4', 'moto[server]==5.2.5'],
         # lm-eval harness for exported models (drp_foundry/eval/lm_eval_tasks); peft pinned for transformers 4.51
         'eval': ['lm-eval==0.4.8', 'peft==0.15.2'],
     },
