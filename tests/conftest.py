@@ -13,7 +13,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The seven-domain RedPajama sample ships in the package, zstd-compressed (its README gives provenance and digests).
 EMBEDDED_CORPUS = REPO_ROOT / 'drp_foundry' / 'demo' / 'corpus'
 
+# One thread per process: `make test` runs a pytest worker per core, and every process a test starts (train.py,
+# its ranks, the demo's stages) inherits this; with torch's default (a thread per core) each would compete with
+# the other worker for the same cores, and OpenMP threads that wait for a busy core spin and burn CPU.
 torch.set_num_threads(1)
+os.environ['OMP_NUM_THREADS'] = '1'
+os.environ['MKL_NUM_THREADS'] = '1'
 
 
 # The files whose end-to-end runs take longest (make test's --durations on 2 cores), longest first. An

@@ -27,7 +27,7 @@ def test_the_demo_runs_from_a_fresh_copy_with_no_shared_folder(tmp_path):
     assert [p.name for p in clone.parent.iterdir()] == ['clone']  # nothing beside the clone
     assert not (clone / 'models').exists() and not (clone / 'data').exists()
     env = {**os.environ}
-    env.update(OMP_NUM_THREADS='2', TOKENIZERS_PARALLELISM='false')
+    env.update(TOKENIZERS_PARALLELISM='false')  # one thread per stage (tests/conftest.py)
 
     def run(*args: str, timeout: int) -> str:
         result = subprocess.run([sys.executable, *args], cwd=clone, env=env, capture_output=True, text=True,

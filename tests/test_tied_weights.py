@@ -129,8 +129,7 @@ ids = tokenizer('The capital of France is Paris. The capital of Germany is Berli
 with torch.no_grad():
     print('LOSS', round(model(input_ids=ids, labels=ids).loss.item(), 4))
 '''
-    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO, timeout=900,
-                            env={**__import__('os').environ, 'OMP_NUM_THREADS': '2'})
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO, timeout=900)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert NEWLY_INITIALIZED not in log and 'You should probably TRAIN' not in log, log[-4000:]
