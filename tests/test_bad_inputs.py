@@ -562,7 +562,8 @@ def _digest(*folders: Path) -> dict[str, str]:
             for folder in folders for p in sorted(folder.rglob('*')) if p.is_file() or p.is_symlink()}
 
 
-def intact(setup: Callable[[Ctx, Path], Callable[[], str]]) -> Callable[[Ctx, str], str]:
+def intact(setup: Callable[[Ctx, Path], Callable[[], str]], trains: bool = False) -> Callable[[Ctx, str], str]:
+    """``trains``: the setup uses the finished training run (``trained_run``), so the row is an end-to-end run."""
     def run(c: Ctx, name: str) -> str:
         folder = c.case_dir(name)
         attempt = setup(c, folder)
@@ -570,6 +571,7 @@ def intact(setup: Callable[[Ctx, Path], Callable[[], str]]) -> Callable[[Ctx, st
         message = attempt()
         assert _digest(folder, c.data) == before, 'a file written before changed'
         return message
+    run.trains = trains
     return run
 
 
@@ -593,6 +595,9 @@ _TRAINED: dict[str, Path] = {}
 
 def trained_run(c: Ctx) -> Path:
     """One finished tiny run (12 batches, checkpoints every 2) of the table's data, made once."""
+    current = os.environ.get('PYTEST_CURRENT_TEST', '')
+    assert any(f'[{row}]' in current for row in _TRAINING_ROWS), \
+        f'{current} uses the finished training run: build its row with intact(..., trains=True) (marks it slow)'
     if 'run' not in _TRAINED:
         # train.py through the launcher in fresh interpreters, as a user runs it. In this process it would be
         # faster, but its train loader would fork a persistent DataLoader worker from a pytest-xdist worker (whose
@@ -623,7 +628,7 @@ def resume_case(edit: Callable[[dict, Path], None], latest: int | None = 6) -> C
         cfg, run_dir = _run_copy(c, folder, latest)
         edit(cfg, run_dir)
         return lambda: _config_error(cfg)
-    return intact(setup)
+    return intact(setup, trains=True)
 
 
 def _damage(rel: str, how: str) -> Callable[[dict, Path], None]:
@@ -649,7 +654,7 @@ def train_py(setup_cfg: Callable[[Ctx, Path], dict]) -> Callable[[Ctx, str], str
         def attempt() -> str:
             return refused_train_run(folder)
         return attempt
-    return intact(setup)
+    return intact(setup, trains=setup_cfg in (_finished_run, _damaged_run))
 
 
 _HOLDERS: list = []
@@ -787,7 +792,7 @@ def export_real_case(args: Callable[[Path, Path], list[str]]) -> Callable[[Ctx, 
                                                          **kwargs),
                                ExportError, ['drp_foundry.export.build_masked_model'])
         return attempt
-    return intact(setup)
+    return intact(setup, trains=True)
 
 
 def _nan_masks_checkpoint(folder: Path, checkpoint: Path) -> list:
@@ -998,7 +1003,18 @@ def test_issue28_rows_cover_every_kind():
     assert len({i for _, i, *_ in ISSUE28_CASES} | {i for _, i, *_ in CASES}) == len(ISSUE28_CASES) + len(CASES)
 
 
-@pytest.mark.parametrize('kind,case_id,run,expected', ISSUE28_CASES, ids=[f'{k}-{i}' for k, i, *_ in ISSUE28_CASES])
+_TRAINING_ROWS: set[str] = set()
+
+
+def _rows(cases: list) -> list:
+    """The rows as pytest params; those that copy or export the finished training run (a train.py run of
+    about 30 s, made once per worker) are marked ``slow``, like the suite's other end-to-end runs."""
+    _TRAINING_ROWS.update(f'{kind}-{case_id}' for kind, case_id, run, _ in cases if run.trains)
+    return [pytest.param(*row, id=f'{row[0]}-{row[1]}', marks=[pytest.mark.slow] if row[2].trains else [])
+            for row in cases]
+
+
+@pytest.mark.parametrize('kind,case_id,run,expected', _rows(ISSUE28_CASES))
 def test_issue28_mistake_is_refused_naming_it_and_nothing_written_changes(ctx, kind, case_id, run, expected):
     try:
         message = run(ctx, f'i28-{kind}-{case_id}')
