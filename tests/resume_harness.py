@@ -160,9 +160,11 @@ def read_logged(metrics: Path) -> list[dict]:
 
 
 def export(run_dir: Path, out: Path) -> Path:
-    subprocess.run([sys.executable, '-m', 'drp_foundry.commands.export', str(run_dir / 'checkpoints' / 'latest-rank0.pt'),
-                    str(out)],
-                   check=True, capture_output=True, cwd=REPO, env=_env(), timeout=300)
+    """drp-export's function on the run's latest checkpoint, in this process (the command line is tested with
+    the bad-input rows; a fresh interpreter here would cost a torch and transformers import per export)."""
+    from drp_foundry.export import export_checkpoint
+
+    export_checkpoint(run_dir / 'checkpoints' / 'latest-rank0.pt', out)
     return out
 
 

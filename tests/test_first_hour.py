@@ -44,7 +44,7 @@ def test_the_demo_runs_from_a_fresh_copy_with_no_shared_folder(tmp_path):
 
     work = tmp_path / 'work'
     out = run('-m', 'drp_foundry.commands.demo', '--continue-steps', '6', '--eval-every', '3',
-              '--max-seq-len', '64', '--work', str(work), timeout=1800)
+              '--max-seq-len', '32', '--work', str(work), timeout=1800)
 
     # the data stage read the embedded corpus (the clone's drp_foundry/demo/corpus)
     manifest = json.loads((work / 'data' / 'manifest.json').read_text())
