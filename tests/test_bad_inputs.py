@@ -599,10 +599,9 @@ def trained_run(c: Ctx) -> Path:
     assert any(f'[{row}]' in current for row in _TRAINING_ROWS), \
         f'{current} uses the finished training run: build its row with intact(..., trains=True) (marks it slow)'
     if 'run' not in _TRAINED:
-        # train.py through the launcher in fresh interpreters, as a user runs it. In this process it would be
-        # faster, but its train loader would fork a persistent DataLoader worker from a pytest-xdist worker (whose
-        # execnet threads may hold a lock at the fork); the one CI run of that version hung until CI's limit (the
-        # hung test was not named), and the suite is back to this known-good form
+        # train.py in a fresh interpreter, as a user runs it. In this process it would be faster, but its train
+        # loader forks a persistent DataLoader worker from the pytest-xdist worker, whose threads may hold a lock
+        # at the fork, and Composer changes process-wide state (environment, process group)
         from resume_harness import uninterrupted
 
         _TRAINED['run'] = uninterrupted(c.work / 'trained', c.data)['run_dir']

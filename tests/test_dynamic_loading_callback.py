@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 import datetime
+import multiprocessing
 import os
+import traceback
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed
-import torch.multiprocessing as mp
 from composer.core import Evaluator, Time
 from composer.loggers import InMemoryLogger, LoggerDestination
 from composer.metrics.nlp import LanguageCrossEntropy
@@ -313,9 +315,11 @@ def test_callback_state_round_trip_through_torch_save(tmp_path):
 
 # -- two gloo ranks ---------------------------------------------------------------------------------
 def _rank_main(rank, world_size, init_file, out_dir):
-    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size,
-                                         timeout=datetime.timedelta(seconds=120))
+    """One rank (a forked child). It leaves with ``os._exit``, without tearing gloo down: destroy_process_group can
+    wait for ever once the peer has exited (a CI run found one rank still in it an hour later)."""
     try:
+        torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
+                                             world_size=world_size, timeout=datetime.timedelta(seconds=120))
         dataset = FakeMixtureDataset([0.4, 0.4, 0.2])
         callback = DynamicLoading(policy={'name': 'drpruning', 'reference_losses': [1.0, 2.0, 3.0], 'fit_start_fraction': 0.1,
                                           'min_fit_points': 4}, plot_folder=None)
@@ -328,14 +332,28 @@ def _rank_main(rank, world_size, init_file, out_dir):
             callback.eval_after_all(fake_state(dataset, losses, batch=step), SimpleNamespace(log_metrics=lambda m: None))
         np.save(os.path.join(out_dir, f'q{rank}.npy'), np.array([q for _, q in dataset.calls]))
         torch.save(callback.state_dict(), os.path.join(out_dir, f'state{rank}.pt'))
-        torch.distributed.barrier()  # leave together: gloo's teardown can hang when a peer is already gone
-    finally:
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()
+    except BaseException:
+        Path(out_dir, f'error{rank}.txt').write_text(traceback.format_exc())
+        os._exit(1)
+    os._exit(0)
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_end_each_update_with_identical_proportions(tmp_path):
-    mp.spawn(_rank_main, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
+    context = multiprocessing.get_context('fork')  # the children inherit the imports
+    ranks = [context.Process(target=_rank_main, args=(rank, 2, str(tmp_path / 'init'), str(tmp_path)))
+             for rank in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=180)
+    for rank, process in enumerate(ranks):
+        if process.is_alive():
+            process.kill()
+            process.join()
+        error = tmp_path / f'error{rank}.txt'
+        assert process.exitcode == 0, error.read_text() if error.exists() else f'rank {rank}: exit code {process.exitcode}'
     q0, q1 = np.load(tmp_path / 'q0.npy'), np.load(tmp_path / 'q1.npy')
     assert q0.shape == (20, 3)
     np.testing.assert_array_equal(q0, q1)

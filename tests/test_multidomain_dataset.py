@@ -165,8 +165,8 @@ def rank_main(rank: int, port: int, root: str, out: str, batch_size: int, num_ba
         mixture = [0.1, 0.1, 0.8] if rank == 0 else [0.8, 0.1, 0.1]
         batches = run(dataset, num_batches, num_workers=1, changes={change_at: mixture})
         np.save(out, batches)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()  # no destroy_process_group: gloo's teardown can wait for ever once the peer has
+        # gone, and the forked child ends with os._exit after this returns
     except BaseException:
         Path(out + '.error').write_text(traceback.format_exc())
         raise

@@ -230,8 +230,8 @@ def _rank(rank: int, port: int, root: str, tmp: str, out: str, scanned, other_do
         ds = dataset(Path(root))
         Path(out).write_text(str(ds._streams_dataset._shm_prefix_int))
         other_done.wait(60)  # keep the prefix while the other job builds
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # no destroy_process_group: gloo's teardown can wait for ever once the peer has gone, and the
+        # forked child ends with os._exit after this returns
     except BaseException:
         Path(out + '.error').write_text(traceback.format_exc())
         raise
