@@ -36,16 +36,13 @@ _spec.loader.exec_module(_study)
 paired, write_results_section = _study.paired, _study.write_results_section
 
 
-def run_arm(work: Path, source: Path, arm: str, seed: int) -> dict:
-    """One demo run (skipped when its report exists); returns the report with the run's CPU seconds."""
-    folder = work / f'{arm}-{seed}'
+def run_demo(folder: Path, source: Path, seed: int, flags: list[str]) -> dict:
+    """One ``drp-demo`` run into ``folder`` (skipped when its report exists): its report and its CPU seconds."""
     report_path, cost_path = folder / 'demo_drpruning.json', folder / 'cpu_seconds.json'
     if report_path.exists() and cost_path.exists():
         return {**json.loads(report_path.read_text()), **json.loads(cost_path.read_text())}
-    settings = ARMS[arm]
     cmd = [sys.executable, '-m', 'drp_foundry.commands.demo', '--work', str(folder), '--source', str(source),
-           '--seed', str(seed), '--continue-steps', str(settings['continue_steps']),
-           '--distill-alpha', str(settings['distill_alpha'])]
+           '--seed', str(seed), *flags]
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
     started = time.time()
@@ -53,10 +50,16 @@ def run_arm(work: Path, source: Path, arm: str, seed: int) -> dict:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f'{arm} seed {seed} failed; log: {folder / "demo.log"}')
+        raise SystemExit(f'{folder.name} failed; log: {folder / "demo.log"}')
     cost = {'cpu_s': round(usage.ru_utime + usage.ru_stime, 1), 'bench_wall_s': round(time.time() - started, 1)}
     cost_path.write_text(json.dumps(cost))
     return {**json.loads(report_path.read_text()), **cost}
+
+
+def run_arm(work: Path, source: Path, arm: str, seed: int) -> dict:
+    settings = ARMS[arm]
+    return run_demo(work / f'{arm}-{seed}', source, seed, ['--continue-steps', str(settings['continue_steps']),
+                                                           '--distill-alpha', str(settings['distill_alpha'])])
 
 
 def mean_worst(losses: dict[str, float]) -> tuple[float, float]:
