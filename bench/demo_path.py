@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import re
+import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,22 +35,21 @@ _spec.loader.exec_module(_budget)
 run_demo, mean_worst, paired, write_results_section = (_budget.run_demo, _budget.mean_worst, _budget.paired,
                                                        _budget.write_results_section)
 
-END_OF_PRUNING = re.compile(r'end of pruning: expected ([\d,]+) vs target ([\d,]+) parameters .*?'
-                            r'worst row ([\d.]+) entries off; undecided ([\d.]+)%')
-MASKED_VS_EXPORTED = re.compile(r'eval loss: masked model as trained ([\d.]+), exported ([\d.]+)')
-
-
-def l0_on_target(log_text: str) -> dict:
-    """What an l0 run's log says about the end of pruning and the export (the last such lines)."""
-    ends, evals = END_OF_PRUNING.findall(log_text), MASKED_VS_EXPORTED.findall(log_text)
-    if not ends or not evals:
+def l0_on_target(pruning_report: Path) -> dict:
+    """What the export of an l0 run says about its masks (``pruning_report.json``'s ``fidelity``), and whether
+    that is exactly on target: every row 0.00 entries off, 0.0% undecided, masked = exported to 4 decimals."""
+    if not pruning_report.exists():
         return {'found': False, 'on_target': False}
-    expected, target, worst_row, undecided = ends[-1]
-    masked, exported = evals[-1]
-    return {'found': True, 'expected': int(expected.replace(',', '')), 'target': int(target.replace(',', '')),
-            'worst_row': float(worst_row), 'undecided_pct': float(undecided), 'masked': float(masked),
-            'exported': float(exported),
-            'on_target': float(worst_row) == 0.0 and float(undecided) == 0.0 and masked == exported}
+    fidelity = json.loads(pruning_report.read_text()).get('fidelity') or {}
+    if fidelity.get('masked_loss') is None:
+        return {'found': False, 'on_target': False}
+    checked = {'found': True, 'expected': round(fidelity['expected_num_parameters']),
+               'target': fidelity['target_num_parameters'], 'worst_row': fidelity['worst_row_gap'],
+               'undecided_pct': 100 * fidelity['undecided_share']['total'], 'masked': fidelity['masked_loss'],
+               'exported': fidelity['exported_loss']}
+    checked['on_target'] = (checked['worst_row'] < 0.005 and checked['undecided_pct'] < 0.05
+                            and f'{checked["masked"]:.4f}' == f'{checked["exported"]:.4f}')
+    return checked
 
 
 def report(results: dict[tuple[str, int], dict], checks: dict[int, dict], command: str) -> str:
@@ -74,10 +73,10 @@ def report(results: dict[tuple[str, int], dict], checks: dict[int, dict], comman
                  f'{ratio:.2f}; premise {COST_BAND[0]}-{COST_BAND[1]} -> {"met" if cost_met else "NOT met"})')
     for seed in SEEDS:
         c = checks[seed]
-        lines.append(f'- l0 seed {seed} at the end of pruning: ' + (
+        lines.append(f'- l0 seed {seed} at export: ' + (
             f'expected {c["expected"]:,} vs target {c["target"]:,}, worst row {c["worst_row"]:.2f} entries off, '
             f'{c["undecided_pct"]:.1f}% undecided; eval loss masked {c["masked"]:.4f}, exported {c["exported"]:.4f} '
-            f'-> {"on target" if c["on_target"] else "NOT on target"}' if c['found'] else 'no end-of-pruning line found'))
+            f'-> {"on target" if c["on_target"] else "NOT on target"}' if c['found'] else 'no export report with the masked and exported losses found'))
     on_target = all(checks[s]['on_target'] for s in SEEDS)
     lines.append('- **Reading** (fixed before the runs): ' + reading(results, cost_met, on_target))
     return '\n'.join(lines)
@@ -113,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         done = dict(zip(keys, pool.map(
             lambda k: run_demo(work / f'{k[0]}-{k[1]}', args.source.resolve(), k[1], ARMS[k[0]]), keys)))
-    checks = {seed: l0_on_target((work / f'l0-{seed}' / 'demo.log').read_text()) for seed in SEEDS}
+    checks = {seed: l0_on_target(work / f'l0-{seed}' / 'models' / 'pruned-l0-drpruning' / 'pruning_report.json')
+              for seed in SEEDS}
     body = report(done, checks, 'python bench/demo_path.py --jobs 2')
     write_results_section(REPO / 'docs' / 'RESULTS.md', SECTION, '### Results (`bench/demo_path.py`)\n\n' + body)
     print(body)
