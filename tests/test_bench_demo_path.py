@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from conftest import load_bench
 from transformers import LlamaConfig
 
 from drp_foundry.pruning.architecture import DecoderArchitecture, TargetArchitecture
 from drp_foundry.pruning.fidelity import mask_fidelity
 from drp_foundry.pruning.mask_module import L0MaskModule
-from tests.conftest import load_bench
 
 
 @pytest.fixture(scope='module')
