@@ -56,14 +56,52 @@ def run_demo(folder: Path, source: Path, seed: int, flags: list[str]) -> dict:
     return {**json.loads(report_path.read_text()), **cost}
 
 
-def run_arm(work: Path, source: Path, arm: str, seed: int) -> dict:
+def arm_flags(arm: str) -> list[str]:
     settings = ARMS[arm]
-    return run_demo(work / f'{arm}-{seed}', source, seed, ['--continue-steps', str(settings['continue_steps']),
-                                                           '--distill-alpha', str(settings['distill_alpha'])])
+    return ['--continue-steps', str(settings['continue_steps']), '--distill-alpha', str(settings['distill_alpha'])]
+
+
+def run_arms(argv: list[str] | None, description: str, default_work: str, flags: dict[str, list[str]],
+             seeds) -> tuple[dict[tuple[str, int], dict], Path]:
+    """The command line of a demo study: every arm x seed (``--jobs`` at a time, finished runs reused), or
+    with ``--report-only`` only the finished ones. Returns the runs' reports and the work folder."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--work', type=Path, default=Path(default_work))
+    parser.add_argument('--source', type=Path, default=Path('models/smollm2-135m'))
+    parser.add_argument('--jobs', type=int, default=1)
+    parser.add_argument('--report-only', action='store_true')
+    args = parser.parse_args(argv)
+    work = args.work.resolve()
+    keys = [(arm, seed) for seed in seeds for arm in flags]
+    if args.report_only:
+        missing = [k for k in keys if not (work / f'{k[0]}-{k[1]}' / 'cpu_seconds.json').exists()]
+        if missing:
+            raise SystemExit(f'not finished: {missing}; run without --report-only')
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = dict(zip(keys, pool.map(
+            lambda k: run_demo(work / f'{k[0]}-{k[1]}', args.source.resolve(), k[1], flags[k[0]]), keys)))
+    return done, work
 
 
 def mean_worst(losses: dict[str, float]) -> tuple[float, float]:
     return sum(losses.values()) / len(losses), max(losses.values())
+
+
+def paired_difference_lines(results: dict[tuple[str, int], dict], arm: str, baseline: str, seeds) -> list[str]:
+    """``arm - baseline`` on the continued model's mean and worst domain loss, paired by seed, as report lines."""
+    lines = []
+    for metric, index in (('mean', 0), ('worst', 1)):
+        ours = [mean_worst(results[(arm, s)]['losses']['continued'])[index] for s in seeds]
+        theirs = [mean_worst(results[(baseline, s)]['losses']['continued'])[index] for s in seeds]
+        d = paired(ours, theirs)
+        lines.append(f'- {arm} - {baseline}, {metric}: {d["mean"]:+.3f} ± {d["se"]:.3f} (SE over {len(seeds)} paired '
+                     f'seeds; 95% t interval [{d["lo"]:+.3f}, {d["hi"]:+.3f}]); per seed '
+                     + ', '.join(f'{a - b:+.3f}' for a, b in zip(ours, theirs)))
+    return lines
+
+
+def mean_cpu_seconds(results: dict[tuple[str, int], dict], arms, seeds) -> dict[str, float]:
+    return {arm: sum(results[(arm, s)]['cpu_s'] for s in seeds) / len(seeds) for arm in arms}
 
 
 def report(results: dict[tuple[str, int], dict], command: str) -> str:
@@ -74,14 +112,8 @@ def report(results: dict[tuple[str, int], dict], command: str) -> str:
         lines.append(f'| {arm} | {ARMS[arm]["continue_steps"]} | {ARMS[arm]["distill_alpha"]} | {seed} | {mean:.3f} | '
                      f'{worst:.3f} | {r["cpu_s"]:.0f} |')
     lines.append('')
-    for metric, index in (('mean', 0), ('worst', 1)):
-        plain = [mean_worst(results[('plain', s)]['losses']['continued'])[index] for s in SEEDS]
-        distill = [mean_worst(results[('distill', s)]['losses']['continued'])[index] for s in SEEDS]
-        d = paired(plain, distill)
-        lines.append(f'- plain - distill, {metric}: {d["mean"]:+.3f} ± {d["se"]:.3f} (SE over {len(SEEDS)} paired seeds; '
-                     f'95% t interval [{d["lo"]:+.3f}, {d["hi"]:+.3f}]); per seed '
-                     + ', '.join(f'{p - q:+.3f}' for p, q in zip(plain, distill)))
-    cpu = {arm: sum(results[(arm, s)]['cpu_s'] for s in SEEDS) / len(SEEDS) for arm in ARMS}
+    lines += paired_difference_lines(results, 'plain', 'distill', SEEDS)
+    cpu = mean_cpu_seconds(results, ARMS, SEEDS)
     cost_ratio = cpu['plain'] / cpu['distill']
     lines.append(f'- CPU seconds per run, mean: distill {cpu["distill"]:.0f}, plain {cpu["plain"]:.0f} '
                  f'(plain / distill {cost_ratio:.2f}; premise: at most 1.15 -> '
@@ -105,19 +137,7 @@ def reading(results: dict[tuple[str, int], dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--work', type=Path, default=Path('runs/demo_budget'))
-    parser.add_argument('--source', type=Path, default=Path('models/smollm2-135m'))
-    parser.add_argument('--jobs', type=int, default=1)
-    parser.add_argument('--report-only', action='store_true')
-    args = parser.parse_args(argv)
-    keys = [(arm, seed) for seed in SEEDS for arm in ARMS]
-    if args.report_only:
-        missing = [k for k in keys if not (args.work / f'{k[0]}-{k[1]}' / 'cpu_seconds.json').exists()]
-        if missing:
-            raise SystemExit(f'not finished: {missing}; run without --report-only')
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = dict(zip(keys, pool.map(lambda k: run_arm(args.work.resolve(), args.source.resolve(), *k), keys)))
+    done, _ = run_arms(argv, __doc__.splitlines()[0], 'runs/demo_budget', {arm: arm_flags(arm) for arm in ARMS}, SEEDS)
     body = report(done, 'python bench/demo_budget.py --jobs 2')
     write_results_section(REPO / 'docs' / 'RESULTS.md', SECTION, '### Results (`bench/demo_budget.py`)\n\n' + body)
     print(body)

@@ -15,11 +15,9 @@ docs/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +30,8 @@ COST_BAND = (0.87, 1.15)
 _spec = importlib.util.spec_from_file_location('demo_budget', Path(__file__).resolve().with_name('demo_budget.py'))
 _budget = sys.modules['demo_budget'] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_budget)
-run_demo, mean_worst, paired, write_results_section = (_budget.run_demo, _budget.mean_worst, _budget.paired,
-                                                       _budget.write_results_section)
+run_arms, mean_worst, write_results_section = _budget.run_arms, _budget.mean_worst, _budget.write_results_section
+paired_difference_lines, mean_cpu_seconds = _budget.paired_difference_lines, _budget.mean_cpu_seconds
 
 def l0_on_target(pruning_report: Path) -> dict:
     """What the export of an l0 run says about its masks (``pruning_report.json``'s ``fidelity``), and whether
@@ -59,14 +57,8 @@ def report(results: dict[tuple[str, int], dict], checks: dict[int, dict], comman
         mean, worst = mean_worst(r['losses']['continued'])
         lines.append(f'| {arm} | {seed} | {mean:.3f} | {worst:.3f} | {r["cpu_s"]:.0f} |')
     lines.append('')
-    for metric, index in (('mean', 0), ('worst', 1)):
-        l0 = [mean_worst(results[('l0', s)]['losses']['continued'])[index] for s in SEEDS]
-        oneshot = [mean_worst(results[('oneshot', s)]['losses']['continued'])[index] for s in SEEDS]
-        d = paired(l0, oneshot)
-        lines.append(f'- l0 - oneshot, {metric}: {d["mean"]:+.3f} ± {d["se"]:.3f} (SE over {len(SEEDS)} paired seeds; '
-                     f'95% t interval [{d["lo"]:+.3f}, {d["hi"]:+.3f}]); per seed '
-                     + ', '.join(f'{a - b:+.3f}' for a, b in zip(l0, oneshot)))
-    cpu = {arm: sum(results[(arm, s)]['cpu_s'] for s in SEEDS) / len(SEEDS) for arm in ARMS}
+    lines += paired_difference_lines(results, 'l0', 'oneshot', SEEDS)
+    cpu = mean_cpu_seconds(results, ARMS, SEEDS)
     ratio = cpu['l0'] / cpu['oneshot']
     cost_met = COST_BAND[0] <= ratio <= COST_BAND[1]
     lines.append(f'- CPU seconds per run, mean: oneshot {cpu["oneshot"]:.0f}, l0 {cpu["l0"]:.0f} (l0 / oneshot '
@@ -97,21 +89,7 @@ def reading(results: dict[tuple[str, int], dict], cost_met: bool, on_target: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--work', type=Path, default=Path('runs/demo_path'))
-    parser.add_argument('--source', type=Path, default=Path('models/smollm2-135m'))
-    parser.add_argument('--jobs', type=int, default=1)
-    parser.add_argument('--report-only', action='store_true')
-    args = parser.parse_args(argv)
-    work = args.work.resolve()
-    keys = [(arm, seed) for seed in SEEDS for arm in ARMS]
-    if args.report_only:
-        missing = [k for k in keys if not (work / f'{k[0]}-{k[1]}' / 'cpu_seconds.json').exists()]
-        if missing:
-            raise SystemExit(f'not finished: {missing}; run without --report-only')
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = dict(zip(keys, pool.map(
-            lambda k: run_demo(work / f'{k[0]}-{k[1]}', args.source.resolve(), k[1], ARMS[k[0]]), keys)))
+    done, work = run_arms(argv, __doc__.splitlines()[0], 'runs/demo_path', ARMS, SEEDS)
     checks = {seed: l0_on_target(work / f'l0-{seed}' / 'models' / 'pruned-l0-drpruning' / 'pruning_report.json')
               for seed in SEEDS}
     body = report(done, checks, 'python bench/demo_path.py --jobs 2')
