@@ -316,7 +316,7 @@ def test_callback_state_round_trip_through_torch_save(tmp_path):
 # -- two gloo ranks ---------------------------------------------------------------------------------
 def _rank_main(rank, world_size, init_file, out_dir):
     """One rank (a forked child). It leaves with ``os._exit``, without tearing gloo down: destroy_process_group can
-    wait for ever once the peer has exited (a CI run found one rank still in it an hour later)."""
+    wait for ever once the peer has exited (seen here: one rank still in it 10 minutes after its peer had left)."""
     try:
         torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
                                              world_size=world_size, timeout=datetime.timedelta(seconds=120))
