@@ -237,3 +237,24 @@ def perturbed_tiny_gqa_model(seed: int = 0):
             noise = torch.randn(parameter.shape, generator=generator)
             parameter.copy_(1.0 + 0.3 * noise if 'norm' in name else 0.15 * noise)
     return model.eval()
+
+
+def run_forked(target, args_per_process: list[tuple], timeout: float) -> list[int | None]:
+    """Run ``target(*args)`` in one forked process per ``args`` (the children inherit this process's imports),
+    wait at most ``timeout`` seconds in all, kill any still running (its exit code is then -SIGKILL), and return
+    the exit codes in order. The callers' ranks report errors through files of their own."""
+    import multiprocessing
+    import time
+
+    context = multiprocessing.get_context('fork')
+    processes = [context.Process(target=target, args=args) for args in args_per_process]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return [process.exitcode for process in processes]

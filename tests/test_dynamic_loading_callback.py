@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import multiprocessing
 import os
 import traceback
 from pathlib import Path
@@ -19,6 +18,7 @@ from composer.loggers import InMemoryLogger, LoggerDestination
 from composer.metrics.nlp import LanguageCrossEntropy
 from composer.models import ComposerModel
 from composer.trainer import Trainer
+from conftest import run_forked
 from torch.utils.data import DataLoader, IterableDataset
 
 from drp_foundry.composer.dynamic_loading import DynamicLoading
@@ -341,19 +341,11 @@ def _rank_main(rank, world_size, init_file, out_dir):
 
 @pytest.mark.slow
 def test_two_gloo_ranks_end_each_update_with_identical_proportions(tmp_path):
-    context = multiprocessing.get_context('fork')  # the children inherit the imports
-    ranks = [context.Process(target=_rank_main, args=(rank, 2, str(tmp_path / 'init'), str(tmp_path)))
-             for rank in range(2)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=180)
-    for rank, process in enumerate(ranks):
-        if process.is_alive():
-            process.kill()
-            process.join()
+    exit_codes = run_forked(_rank_main, [(rank, 2, str(tmp_path / 'init'), str(tmp_path)) for rank in range(2)],
+                            timeout=180)
+    for rank, exit_code in enumerate(exit_codes):
         error = tmp_path / f'error{rank}.txt'
-        assert process.exitcode == 0, error.read_text() if error.exists() else f'rank {rank}: exit code {process.exitcode}'
+        assert exit_code == 0, error.read_text() if error.exists() else f'rank {rank}: exit code {exit_code}'
     q0, q1 = np.load(tmp_path / 'q0.npy'), np.load(tmp_path / 'q1.npy')
     assert q0.shape == (20, 3)
     np.testing.assert_array_equal(q0, q1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import socket
 import traceback
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_forked
 from scipy.stats import chisquare
 from streaming import MDSWriter, Stream
 from tagged_batches import read_tagged_batches
@@ -175,16 +175,12 @@ def rank_main(rank: int, port: int, root: str, out: str, batch_size: int, num_ba
 def test_two_gloo_ranks_draw_disjoint_samples_on_one_domain_schedule(data_root, tmp_path):
     batch_size, num_batches, change_at = 3, 16, 6
     port = _free_port()
-    context = multiprocessing.get_context('fork')  # the children inherit the imports: fast
     outs = [str(tmp_path / f'rank{rank}.npy') for rank in range(2)]
-    procs = [context.Process(target=rank_main, args=(rank, port, str(data_root), outs[rank], batch_size,
-                                                      num_batches, change_at)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc, out in zip(procs, outs):
-        proc.join(timeout=120)
+    exit_codes = run_forked(rank_main, [(rank, port, str(data_root), outs[rank], batch_size, num_batches, change_at)
+                                        for rank in range(2)], timeout=120)
+    for exit_code, out in zip(exit_codes, outs):
         error = Path(out + '.error')
-        assert proc.exitcode == 0, error.read_text() if error.exists() else f'exit code {proc.exitcode}'
+        assert exit_code == 0, error.read_text() if error.exists() else f'exit code {exit_code}'
     per_rank = [np.load(out) for out in outs]
     tags = [set(r[..., 1].ravel().tolist()) for r in per_rank]
     sizes = sum(DOMAIN_SIZES.values())

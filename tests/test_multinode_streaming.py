@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import faulthandler
 import json
-import multiprocessing
 import os
 import re
 import signal
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_forked
 from local_s3 import LocalS3
 from simulated_nodes import enter_node
 from streaming import MDSWriter, Stream
@@ -98,21 +98,17 @@ def node_main(node: int, num_nodes: int, port: int, client: str, cache: str, out
 def run_job(tmp: Path, name: str, num_nodes: int, s3=None, caches: str | None = None, **job) -> dict:
     """Run ``num_nodes`` node processes together; per-node batches, states and (with ``s3``) shard fetches."""
     job = {'num_workers': 0, 'changes': {}, 'first_batch': 0, 'kwargs': {}, **job}
-    context = multiprocessing.get_context('fork')  # the children inherit the imports: fast
     outs = [str(tmp / f'{name}-node{m}.npy') for m in range(num_nodes)]
     cache_dirs = [str(tmp / f'{caches or name}-cache{m}') for m in range(num_nodes)]
     clients = [f'{tmp.name}-{name}-node{m}' for m in range(num_nodes)]  # unique in the module's server
     port = _free_port()
-    procs = [context.Process(target=node_main, args=(m, num_nodes, port, clients[m], cache_dirs[m], outs[m], job))
-             for m in range(num_nodes)]
-    for proc in procs:
-        proc.start()
-    for proc, out in zip(procs, outs):
-        proc.join(timeout=180)
+    exit_codes = run_forked(node_main, [(m, num_nodes, port, clients[m], cache_dirs[m], outs[m], job)
+                                        for m in range(num_nodes)], timeout=180 * num_nodes)
+    for exit_code, out in zip(exit_codes, outs):
         error = Path(out + '.error')
         assert not error.exists(), error.read_text()
-        assert proc.exitcode == (-signal.SIGKILL if job.get('kill') else 0), \
-            f'exit code {proc.exitcode}: {Path(out + ".stack").read_text()[-3000:]}'
+        assert exit_code == (-signal.SIGKILL if job.get('kill') else 0), \
+            f'exit code {exit_code}: {Path(out + ".stack").read_text()[-3000:]}'
     fetches, sent = [], []
     if s3 is not None:
         by_client = s3.stats()['by_client']
